@@ -1,0 +1,13 @@
+"""User-facing errors: the CLI prints these as one line, without a traceback."""
+
+
+class UserError(Exception):
+    """A mistake in the user's input (config, paths, data). Printed as one clear line."""
+
+
+class ConfigError(UserError):
+    """A config key is unknown, mistyped, missing or has a bad value."""
+
+
+class DataError(UserError):
+    """A shard spec, shard, sample or tokenizer cannot be used."""

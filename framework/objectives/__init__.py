@@ -1,0 +1,18 @@
+"""Pretext objectives, one file each. ``OBJECTIVES`` maps ``objective.name`` to its module.
+
+Each module defines ``Config`` (a dataclass subclassing ``ObjectiveConfig``), the
+LightningModule ``Objective`` and ``default_model`` (the ``model.name`` it uses by default).
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+OBJECTIVES = {
+    "clm": "framework.objectives.clm",
+    "mlm": "framework.objectives.mlm",
+}
+
+
+def objective_module(name: str) -> ModuleType:
+    return importlib.import_module(OBJECTIVES[name])
