@@ -30,9 +30,10 @@ def _cmd_shards_text(args: argparse.Namespace) -> None:
         val_fraction=args.val_fraction,
         seed=args.seed,
     )
-    for path, reason in summary.get("skipped", []):
-        print(f"skipped {path}: {reason}", file=sys.stderr)
-    print({k: v for k, v in summary.items() if k != "skipped"} | {"skipped": len(summary.get("skipped", []))})
+    # Skipped files were already reported one by one as warnings.
+    print(f"{summary['documents']} documents -> {summary['samples']} samples; {len(summary['skipped'])} files skipped")
+    for split, info in summary["splits"].items():
+        print(f"  {split}: {info['samples']} samples in {info['shards']} shards, {info['bytes'] / 2**20:.1f} MiB -> {info['dir']}")
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -49,6 +50,18 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from framework.demo import run_text_demo
 
     run_text_demo(steps=args.steps, devices=args.devices, workdir=args.workdir)
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted (it may be replaced)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,9 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # dataloader workers fork after tokenizing
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("framework").addHandler(handler)
+    framework_log = logging.getLogger("framework")
+    if not any(isinstance(h, _CurrentStderr) for h in framework_log.handlers):
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        framework_log.addHandler(handler)
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -13,6 +13,7 @@ import random
 from collections import deque
 from typing import Any, Deque, Dict, Iterator, List, Optional, Protocol
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -35,6 +36,15 @@ class Processor(Protocol):
     def state_dict(self) -> Dict[str, Any]: ...
 
     def load_state_dict(self, state: Dict[str, Any]) -> None: ...
+
+
+def _to_checkpointable(item: Any) -> Any:
+    # Checkpoints are loaded with torch.load(weights_only=True): tensors pass, numpy does not.
+    return torch.from_numpy(item) if isinstance(item, np.ndarray) else item
+
+
+def _from_checkpointable(item: Any) -> Any:
+    return item.numpy() if isinstance(item, torch.Tensor) else item
 
 
 class ShardStream(IterableDataset):
@@ -65,6 +75,7 @@ class ShardStream(IterableDataset):
         self._pending: Deque[Any] = deque()
         self._rng = random.Random()
         self._resume: Optional[Dict[str, Any]] = None
+        self._started = False
 
     def __len__(self) -> int:
         # A length stops Lightning from prefetching a batch ahead, which would put the
@@ -75,16 +86,20 @@ class ShardStream(IterableDataset):
 
     # -- resumable state ----------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
+        if not self._started:
+            # Loaders snapshot a worker before it starts; its RNG is not seeded yet.
+            return {"started": False}
         return {
+            "started": True,
             **self._state,
             "processor": self.processor.state_dict(),
-            "buffer": list(self._buffer),
-            "pending": list(self._pending),
+            "buffer": [_to_checkpointable(x) for x in self._buffer],
+            "pending": [_to_checkpointable(x) for x in self._pending],
             "rng": self._rng.getstate(),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self._resume = state
+        self._resume = state if state.get("started") else None
 
     # -- iteration ---------------------------------------------------------------------
     def _worker(self) -> tuple[int, int]:
@@ -97,11 +112,12 @@ class ShardStream(IterableDataset):
             state, self._resume = self._resume, None
             self._state = {k: state[k] for k in ("epoch", "position", "offset", "sample_index", "yielded")}
             self.processor.load_state_dict(state["processor"])
-            self._buffer = list(state["buffer"])
-            self._pending = deque(state["pending"])
+            self._buffer = [_from_checkpointable(x) for x in state["buffer"]]
+            self._pending = deque(_from_checkpointable(x) for x in state["pending"])
             self._rng.setstate(state["rng"])
         else:
             self._rng.seed(hash((self.seed, self.rank, worker)))
+        self._started = True
         for item in self._items(worker, num_workers):
             if self.shuffle_buffer > 1:
                 self._buffer.append(item)
@@ -160,6 +176,4 @@ class ShardStream(IterableDataset):
 
 def collate_arrays(items: List[Any]) -> torch.Tensor:
     """Stack same-shaped numpy items into one tensor (cheaper than default_collate)."""
-    import numpy as np
-
     return torch.from_numpy(np.stack(items))

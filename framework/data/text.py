@@ -9,6 +9,7 @@ import logging
 from typing import Any, Dict, List
 
 import numpy as np
+import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -56,10 +57,10 @@ class TokenPacker:
         return [tokens[start : start + self.block_len].astype(np.int64) for start in range(0, full, self.block_len)]
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"carry": self._carry.copy(), "skipped_samples": self.skipped_samples}
+        return {"carry": torch.from_numpy(self._carry.copy()), "skipped_samples": self.skipped_samples}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self._carry = np.asarray(state["carry"], dtype=np.int32)
+        self._carry = np.asarray(state["carry"].numpy(), dtype=np.int32)
         self.skipped_samples = int(state["skipped_samples"])
 
 
