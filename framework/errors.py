@@ -11,3 +11,7 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A shard spec, shard, sample or tokenizer cannot be used."""
+
+
+class SampleError(DataError):
+    """One sample cannot be decoded; the stream's fault policy decides what happens."""

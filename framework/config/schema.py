@@ -7,7 +7,7 @@ their ``name`` key; see ``framework/config/load.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -28,16 +28,20 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # Shard specs: a directory of .tar shards (with or without manifest.json), a file,
-    # a brace pattern "shards-{000000..000099}.tar", a glob, or a list of these.
+    # Shard specs: a directory of .tar shards (with or without manifest.json), a file, a brace
+    # pattern "shards-{000000..000099}.tar", a glob, a URL (http(s)://, s3://, gs://, pipe:cmd),
+    # or a list of these; for resampled mode also a list of {shards: <spec>, weight: <w>}.
     train: Any = MISSING
     val: Any = None
     tokenizer: Optional[str] = None  # tokenizer.json, text objectives only
     seq_len: int = 256  # tokens per sample (text)
     batch_size: int = 16  # per device
     num_workers: int = 2  # dataloader workers per rank
-    shuffle_buffer: int = 256  # samples held by each worker's shuffle buffer
+    shuffle_buffer: int = 256  # raw samples held by each worker's shuffle buffer
     val_batch_size: Optional[int] = None  # defaults to batch_size
+    mode: str = "epoch"  # epoch (every sample once per epoch) | resampled (endless weighted draws)
+    remainder: str = "drop"  # epoch samples beyond equal full batches per rank: drop | pad (repeat)
+    on_error: str = "skip"  # a missing/bad shard or sample: skip (warn, count) | raise
 
 
 @dataclass
@@ -49,7 +53,40 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    grad_clip: float = 1.0  # max global gradient norm (over all shards); 0 disables clipping
+    momentum: float = 0.9  # lars only (lamb and adamw use betas)
+    trust_coefficient: float = 0.001  # lars only: eta of the layer-wise trust ratio
+    # Learning rate scaled from a reference global batch size: lr * (global / reference) for
+    # linear, lr * sqrt(global / reference) for sqrt, where global = data.batch_size x
+    # trainer.devices x trainer.num_nodes x trainer.accumulate_grad_batches (printed at start).
+    scale_rule: str = "none"  # none | linear | sqrt
+    reference_batch_size: int = 256
+
+
+@dataclass
+class FSDPConfig:
+    """``trainer.strategy=fsdp``: FSDP2 ``fully_shard`` per repeated block (framework/distributed/fsdp.py)."""
+
+    reshard_after_forward: bool = True  # free each block's gathered weights after its forward (re-gathered for backward)
+    cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in CPU memory
+    # Ranks that share one copy of the model: 0 = all ranks (full sharding); N = shard within groups
+    # of N ranks and replicate across groups (hybrid sharding, HSDP). N = trainer.devices shards
+    # within each node and replicates across nodes, keeping the all-gathers on the fast links.
+    shard_size: int = 0
+
+
+@dataclass
+class DeepSpeedConfig:
+    """``trainer.strategy=deepspeed``: ZeRO stage 1, 2 or 3 (framework/distributed/deepspeed.py)."""
+
+    stage: int = 2  # 1: optimizer state sharded, 2: + gradients, 3: + parameters
+    offload_optimizer: bool = False  # optimizer state and step on the CPU (ZeRO-Offload)
+    offload_params: bool = False  # stage 3 only: parameters in CPU memory between uses
+    overlap_comm: bool = True  # overlap gradient reduction with the backward pass
+    # Merged into the generated DeepSpeed config (https://www.deepspeed.ai/docs/config-json/),
+    # e.g. {zero_optimization: {reduce_bucket_size: 50000000}}; keys the framework sets from
+    # other options (batch sizes, accumulation, clipping, precision, optimizer) are refused.
+    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -58,8 +95,13 @@ class TrainerConfig:
     devices: int = 1
     num_nodes: int = 1
     accelerator: str = "auto"  # auto | cpu | gpu
-    strategy: str = "auto"  # auto | ddp
-    precision: str = "32"  # 32 | bf16-mixed | bf16-true | 16-mixed
+    strategy: str = "auto"  # auto (ddp with several devices) | ddp | fsdp | deepspeed
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    precision: str = "32"  # 32 | bf16-mixed | bf16-true | 16-mixed (16-mixed needs a CUDA GPU)
+    activation_checkpointing: bool = False  # recompute each repeated block in backward instead of storing its activations
+    compile: bool = False  # torch.compile each repeated block
+    peak_flops: float = 0.0  # per device, for MFU; 0 = from the GPU table, or measured on CPU
     accumulate_grad_batches: int = 1
     val_every_steps: int = 200
     val_batches: int = 50  # batches per rank per validation; 0 disables validation
@@ -82,6 +124,9 @@ class RunSection:
     dir: str = "runs/${objective.name}"
     seed: int = 0
     resume: str = "auto"  # auto (newest checkpoint in dir, if any) | never | <checkpoint path>
+    # Start a new run from weights made by `pretrain consolidate` (any strategy, any world size);
+    # the optimizer, schedule and data position start fresh.
+    init_from: Optional[str] = None
 
 
 @dataclass

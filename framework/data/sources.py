@@ -1,16 +1,20 @@
-"""Resolve a shard spec from the config into a list of shards, and open a shard at an offset.
+"""Resolve a shard spec from the config into shards, count their samples, open them.
 
-A spec is a string or a list of strings; each string is a directory of ``.tar`` shards
-(its ``manifest.json`` supplies per-shard sample counts), a single ``.tar`` file, a brace
-pattern (``shards-{000000..000099}.tar``) or a glob.
+A spec is a string or a list. A string is a directory of ``.tar`` shards (its
+``manifest.json`` supplies per-shard sample counts), a ``.tar`` file, a brace pattern
+(``shards-{000000..000099}.tar``), a glob, or a URL: ``http(s)://``, ``s3://``, ``gs://``
+(any fsspec protocol) or ``pipe:<command writing the shard to stdout>``. A list may mix
+these, or hold sources with weights for resampled mode:
+``[{shards: web/, weight: 0.7}, {shards: code/, weight: 0.3}]``.
 """
 from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass
+import subprocess
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, BinaryIO, List, Optional
+from typing import Any, BinaryIO, List, Optional, Tuple
 
 from braceexpand import braceexpand
 
@@ -23,17 +27,11 @@ _READ_BUFFER = 1 << 20
 @dataclass(frozen=True)
 class Shard:
     url: str
-    samples: Optional[int] = None  # from the manifest, when there is one
+    samples: Optional[int] = None  # from the manifest, or counted
 
 
-def _as_list(spec: Any, key: str) -> List[str]:
-    if spec is None or spec == "" or spec == []:
-        raise DataError(f"{key} is empty: give a directory of .tar shards, a .tar file, a brace pattern or a glob")
-    items = [spec] if isinstance(spec, str) else list(spec)
-    for item in items:
-        if not isinstance(item, str) or not item:
-            raise DataError(f"{key}: {item!r} is not a shard path")
-    return items
+def is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
 
 
 def _from_directory(directory: Path, key: str) -> List[Shard]:
@@ -50,40 +48,166 @@ def _from_directory(directory: Path, key: str) -> List[Shard]:
     return [Shard(str(p)) for p in tars]
 
 
-def resolve_shards(spec: Any, key: str = "data.train") -> List[Shard]:
-    """Expand ``spec`` into shards, checking that each local one exists and is not empty."""
-    shards: List[Shard] = []
-    for item in _as_list(spec, key):
-        if "://" in item or item.startswith("pipe:"):
-            shards.extend(Shard(url) for url in braceexpand(item))
-            continue
-        path = Path(item).expanduser()
-        if path.is_dir():
-            shards.extend(_from_directory(path, key))
-        elif "{" in item:
-            shards.extend(Shard(p) for p in braceexpand(str(path)))
-        elif any(c in item for c in "*?["):
-            matches = sorted(glob.glob(str(path), recursive=True))
-            if not matches:
-                raise DataError(f"{key}: glob {item!r} matches no shard")
-            shards.extend(Shard(p) for p in matches)
-        else:
-            shards.append(Shard(str(path)))
+def _expand(item: str, key: str) -> List[Shard]:
+    if is_remote(item):
+        return [Shard(url) for url in braceexpand(item)]
+    path = Path(item).expanduser()
+    if path.is_dir():
+        return _from_directory(path, key)
+    if "{" in item:
+        return [Shard(p) for p in braceexpand(str(path))]
+    if any(c in item for c in "*?["):
+        matches = sorted(glob.glob(str(path), recursive=True))
+        if not matches:
+            raise DataError(f"{key}: glob {item!r} matches no shard")
+        return [Shard(p) for p in matches]
+    return [Shard(str(path))]
+
+
+def _check_local(shards: List[Shard], key: str) -> None:
     for shard in shards:
-        if "://" in shard.url or shard.url.startswith("pipe:"):
+        if is_remote(shard.url):
             continue
         if not os.path.exists(shard.url):
             raise DataError(f"{key}: shard not found: {shard.url}")
         if os.path.getsize(shard.url) == 0:
             raise DataError(f"{key}: shard is empty (0 bytes): {shard.url}")
-    return shards
+
+
+def resolve_sources(spec: Any, key: str = "data.train") -> Tuple[List[Shard], List[Tuple[int, int]], List[float]]:
+    """(all shards, [first, last) shard range of each source, weight of each source)."""
+    if spec is None or spec == "" or (isinstance(spec, (list, tuple)) and len(spec) == 0):
+        raise DataError(f"{key} is empty: give a directory of .tar shards, a .tar file, a brace pattern, a glob or a URL")
+    items = [spec] if isinstance(spec, (str, dict)) or hasattr(spec, "keys") else list(spec)
+    shards: List[Shard] = []
+    ranges: List[Tuple[int, int]] = []
+    weights: List[float] = []
+    plain: List[Shard] = []
+    for number, item in enumerate(items):
+        if isinstance(item, str) and item:
+            plain.extend(_expand(item, key))
+            continue
+        if hasattr(item, "keys"):
+            unknown = set(item.keys()) - {"shards", "weight", "name"}
+            if unknown or "shards" not in item:
+                raise DataError(f"{key}[{number}]: a source is {{shards: <spec>, weight: <number>}}, got keys {sorted(item.keys())}")
+            weight = float(item.get("weight", 1.0))
+            if not weight > 0:
+                raise DataError(f"{key}[{number}].weight must be positive, not {weight}")
+            source, _, _ = resolve_sources(item["shards"], f"{key}[{number}].shards")
+            ranges.append((len(shards), len(shards) + len(source)))
+            weights.append(weight)
+            shards.extend(source)
+            continue
+        raise DataError(f"{key}: {item!r} is not a shard path")
+    if plain:
+        ranges.append((len(shards), len(shards) + len(plain)))
+        weights.append(1.0)
+        shards.extend(plain)
+    _check_local(shards, key)
+    return shards, ranges, weights
+
+
+def resolve_shards(spec: Any, key: str = "data.train") -> List[Shard]:
+    """Expand ``spec`` into shards, checking that each local one exists and is not empty."""
+    return resolve_sources(spec, key)[0]
 
 
 def open_shard(url: str, offset: int = 0) -> BinaryIO:
     """Open a shard for reading, positioned at byte ``offset``."""
-    if "://" in url or url.startswith("pipe:"):
-        raise DataError(f"remote shard URLs are not supported yet: {url}")
-    stream = open(url, "rb", buffering=_READ_BUFFER)
+    if url.startswith("pipe:"):
+        process = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, bufsize=_READ_BUFFER)
+        stream = _PipeStream(process, url)
+        stream.discard(offset)
+        return stream
+    if "://" in url and not url.startswith("file://"):
+        import fsspec
+
+        if offset:
+            try:  # a resume: seek with range requests (object stores and most servers have them)
+                stream = fsspec.open(url, "rb", block_size=_READ_BUFFER).open()
+                stream.seek(offset)
+                stream.read(1)
+                stream.seek(offset)
+                return stream
+            except ValueError:
+                pass  # no range requests: stream from the start and drop what precedes offset
+        stream = fsspec.open(url, "rb", block_size=0).open()  # sequential: one request per shard
+    else:
+        stream = open(url.removeprefix("file://"), "rb", buffering=_READ_BUFFER)
     if offset:
-        stream.seek(offset)
+        try:
+            stream.seek(offset)
+        except (OSError, ValueError):
+            _discard(stream, offset)
     return stream
+
+
+def _discard(stream: BinaryIO, n: int) -> None:
+    while n > 0:
+        chunk = stream.read(min(n, _READ_BUFFER))
+        if not chunk:
+            return
+        n -= len(chunk)
+
+
+class _PipeStream:
+    """stdout of a ``pipe:`` command; a non-zero exit status is an error naming the command."""
+
+    def __init__(self, process: subprocess.Popen, url: str) -> None:
+        self.process, self.url, self.position = process, url, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.process.stdout.read(n)
+        self.position += len(data)
+        if (n < 0 or len(data) < n) and self.process.wait() != 0:
+            raise OSError(f"{self.url} exited with status {self.process.returncode}")
+        return data
+
+    def discard(self, n: int) -> None:
+        _discard(self, n)
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, *_: Any) -> None:
+        raise OSError("a pipe: stream cannot seek")
+
+    def __enter__(self) -> "_PipeStream":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.process.stdout.close()
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+def count_samples(url: str) -> int:
+    """Count a shard's samples by reading its tar headers only."""
+    from framework.data.tar import TarFormatError, iter_members, split_name
+
+    count, key = 0, None
+    try:
+        with open_shard(url) as stream:
+            for name, _, _ in iter_members(stream, 0, read_data=False):
+                member_key = split_name(name)[0]
+                if member_key != key:
+                    count, key = count + 1, member_key
+    except (TarFormatError, OSError) as exc:
+        raise DataError(f"cannot count the samples of shard {url}: {exc}") from exc
+    return count
+
+
+def with_counts(shards: List[Shard]) -> List[Shard]:
+    """Shards with their sample counts, counting (headers only) where no manifest gave them."""
+    missing = [s for s in shards if s.samples is None]
+    if not missing:
+        return shards
+    remote = [s.url for s in missing if is_remote(s.url)]
+    if remote:
+        raise DataError(
+            f"epoch mode needs sample counts, and remote shards without a manifest have none (e.g. {remote[0]}); "
+            "write a manifest.json beside them or use data.mode=resampled"
+        )
+    return [s if s.samples is not None else replace(s, samples=count_samples(s.url)) for s in shards]

@@ -1,35 +1,50 @@
 """A resumable stream of training items from tar shards, one per rank and dataloader worker.
 
-Reading follows ``plan.worker_plan``; a modality-specific ``processor`` turns each raw sample
-into zero or more items (decode, tokenize, pack); a seeded shuffle buffer mixes items.
-``state_dict()`` is the exact position after the last item handed out: epoch, shard,
-byte offset of the next sample, the processor's carry-over and the buffer, so a resumed
-stream seeks to that offset instead of re-reading what it consumed.
+What a reader reads comes from ``plan`` (epoch mode: a range of the epoch's shuffled
+sample sequence; resampled mode: an endless series of weighted shard draws). Raw samples
+pass a seeded shuffle buffer, then a modality-specific ``processor`` turns each into items.
+
+``state_dict()`` is the exact position after the last item handed out: epoch, segment,
+samples consumed in it and the byte offset of the next one, the shuffle buffer as sample
+*locators* (shard, index, byte offset: re-read on resume, never stored as bytes), items
+produced but not yet handed out, the processor's carry-over and the RNG. A resumed stream
+seeks to the saved offset: its cost does not grow with the position in the epoch.
+
+Faults (missing or truncated shard, undecodable sample) follow ``on_error``: ``raise``
+stops with the shard and key, ``skip`` warns, counts (``counters``) and — for one-item-
+per-sample processors — hands out a repeat of the last good sample instead, so every
+rank still yields exactly its planned number of batches and no collective hangs.
 """
 from __future__ import annotations
 
 import logging
 import random
 from collections import deque
-from typing import Any, Deque, Dict, Iterator, List, Optional, Protocol
+from typing import Any, BinaryIO, Deque, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from framework.data.plan import worker_plan
+from framework.data.plan import EpochPlan, Segment, Sources, epoch_plan, plan_from_sequence, resampled_draw
 from framework.data.sources import Shard, open_shard
-from framework.data.tar import Sample, TarFormatError, iter_samples
-from framework.errors import DataError
+from framework.data.tar import Sample, TarFormatError, iter_samples, skip_samples
+from framework.errors import DataError, SampleError
 
 log = logging.getLogger(__name__)
+COUNTERS = ("read_samples", "skipped_samples", "skipped_shards", "repeated_samples")
+_POSITION_KEYS = ("epoch", "draw", "segment", "consumed", "offset", "yielded")
 
 
 class Processor(Protocol):
-    """Turns one raw sample into a list of items; may carry state across samples (packing).
+    """Turns one raw sample into a list of items (raising SampleError if it cannot).
 
-    It returns a list, not a generator, so its carried state is final before any of the
-    items is handed out (the stream keeps the rest as ``pending``)."""
+    ``one_to_one`` processors give exactly one item per sample (images, audio): the stream
+    then guarantees each reader's item count. Packing processors (text) give any number
+    and may carry state across samples. A list, not a generator, so the carried state is
+    final before any item is handed out (the rest wait in ``pending``)."""
+
+    one_to_one: bool
 
     def __call__(self, key: str, sample: Sample, shard: str) -> List[Any]: ...
 
@@ -47,6 +62,9 @@ def _from_checkpointable(item: Any) -> Any:
     return item.numpy() if isinstance(item, torch.Tensor) else item
 
 
+Locator = Tuple[int, int, int]  # (shard number, sample index in the shard, byte offset)
+
+
 class ShardStream(IterableDataset):
     def __init__(
         self,
@@ -56,26 +74,40 @@ class ShardStream(IterableDataset):
         seed: int,
         rank: int = 0,
         world_size: int = 1,
-        infinite: bool = True,
+        batch_size: int = 1,
+        mode: str = "epoch",
+        remainder: str = "drop",
+        endless: bool = True,
         shuffle_buffer: int = 0,
+        on_error: str = "skip",
+        sources: Optional[Sources] = None,
         length: Optional[int] = None,
     ) -> None:
         if not shards:
             raise DataError("no shards to stream")
-        self.shards = shards
-        self.processor = processor
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.infinite = infinite
-        self.shuffle_buffer = shuffle_buffer
-        self.length = length
-        self._state: Dict[str, Any] = {"epoch": 0, "position": 0, "offset": 0, "sample_index": 0, "yielded": 0}
-        self._buffer: List[Any] = []
+        if mode == "epoch" and any(s.samples is None for s in shards):
+            raise DataError("epoch mode needs each shard's sample count (from manifest.json or counted first)")
+        if on_error not in ("skip", "raise"):
+            raise DataError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
+        self.shards, self.processor = shards, processor
+        self.counts = [s.samples for s in shards]
+        self.seed, self.rank, self.world_size, self.batch_size = seed, rank, world_size, batch_size
+        # Documents packed into blocks give no fixed item count: aligning them to batches
+        # would only drop data, so packing processors split the epoch evenly instead.
+        self.mode, self.endless = mode, endless
+        self.remainder = remainder if processor.one_to_one else "none"
+        self.shuffle_buffer, self.on_error, self.length = shuffle_buffer, on_error, length
+        self.sources = sources or Sources(((0, len(shards)),), (1.0,))
+        self.elastic: Optional[Dict[str, Any]] = None  # set by the loader on a resume at another world size
+        self._state: Dict[str, Any] = dict.fromkeys(_POSITION_KEYS, 0)
+        self._counters: Dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self._buffer: List[Tuple[Locator, str, Sample]] = []
         self._pending: Deque[Any] = deque()
+        self._last_good: Optional[Locator] = None
         self._rng = random.Random()
         self._resume: Optional[Dict[str, Any]] = None
         self._started = False
+        self._num_workers = 1
 
     def __len__(self) -> int:
         # A length stops Lightning from prefetching a batch ahead, which would put the
@@ -84,94 +116,195 @@ class ShardStream(IterableDataset):
             raise TypeError("this stream has no length")
         return self.length
 
-    # -- resumable state ----------------------------------------------------------------
+    # -- plan -------------------------------------------------------------------------
+    def plan(self, epoch: int, num_workers: int) -> EpochPlan:
+        if self.elastic is not None and epoch == self.elastic["epoch"]:
+            return plan_from_sequence(self.elastic["remaining"], self.world_size, num_workers, self.batch_size, self.remainder)
+        return epoch_plan(self.counts, self.seed, epoch, self.world_size, num_workers, self.batch_size, self.remainder)
+
+    def fingerprint(self, num_workers: int) -> Dict[str, Any]:
+        """What a saved position is relative to: resuming needs the same values."""
+        return {"world_size": self.world_size, "num_workers": num_workers, "batch_size": self.batch_size,
+                "mode": self.mode, "remainder": self.remainder, "seed": self.seed, "num_shards": len(self.shards)}
+
+    # -- resumable state --------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         if not self._started:
-            # Loaders snapshot a worker before it starts; its RNG is not seeded yet.
+            # Loaders snapshot a worker before it starts; there is no position yet.
             return {"started": False}
         return {
             "started": True,
+            "fingerprint": self.fingerprint(self._num_workers),
             **self._state,
-            "processor": self.processor.state_dict(),
-            "buffer": [_to_checkpointable(x) for x in self._buffer],
+            "counters": dict(self._counters),
+            "buffer": [locator for locator, _, _ in self._buffer],
             "pending": [_to_checkpointable(x) for x in self._pending],
+            "last_good": self._last_good,
+            "processor": self.processor.state_dict(),
             "rng": self._rng.getstate(),
+            # an elastic epoch's plan is not derivable from the seed: keep its sequence
+            "elastic_sequence": [tuple(vars(s).values()) for s in self.elastic["remaining"]]
+            if self.elastic and self.elastic["epoch"] == self._state["epoch"] else None,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self._resume = state if state.get("started") else None
 
-    # -- iteration ---------------------------------------------------------------------
-    def _worker(self) -> tuple[int, int]:
-        info = get_worker_info()
-        return (info.id, info.num_workers) if info is not None else (0, 1)
+    def _restore(self, state: Dict[str, Any], num_workers: int) -> None:
+        if state["fingerprint"] != self.fingerprint(num_workers):
+            raise DataError(
+                f"the saved data position was made with {state['fingerprint']}, this run has "
+                f"{self.fingerprint(num_workers)}; resume through the loader (elastic resume)"
+            )
+        self._state = {k: state[k] for k in _POSITION_KEYS}
+        if state.get("elastic_sequence"):
+            self.elastic = {"epoch": state["epoch"], "remaining": [Segment(*t) for t in state["elastic_sequence"]]}
+        self._counters = dict(state["counters"])
+        self._last_good = tuple(state["last_good"]) if state["last_good"] is not None else None
+        self._pending = deque(_from_checkpointable(x) for x in state["pending"])
+        self.processor.load_state_dict(state["processor"])
+        self._rng.setstate(state["rng"])
+        self._buffer = [self._reread(tuple(locator)) for locator in state["buffer"]]
 
+    # -- iteration --------------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:
-        worker, num_workers = self._worker()
+        info = get_worker_info()
+        return self.reader_items(*((info.id, info.num_workers) if info is not None else (0, 1)))
+
+    def reader_items(self, worker: int, num_workers: int) -> Iterator[Any]:
+        """The items of dataloader worker ``worker`` of ``num_workers`` on this rank
+        (``__iter__`` inside a worker; ``data inspect`` and tests simulate any reader)."""
+        self._num_workers = num_workers
         if self._resume is not None:
             state, self._resume = self._resume, None
-            self._state = {k: state[k] for k in ("epoch", "position", "offset", "sample_index", "yielded")}
-            self.processor.load_state_dict(state["processor"])
-            self._buffer = [_from_checkpointable(x) for x in state["buffer"]]
-            self._pending = deque(_from_checkpointable(x) for x in state["pending"])
-            self._rng.setstate(state["rng"])
+            self._restore(state, self._num_workers)
         else:
             self._rng.seed(hash((self.seed, self.rank, worker)))
+            if self.elastic is not None:
+                self._state["epoch"] = self.elastic["epoch"]
         self._started = True
-        for item in self._items(worker, num_workers):
-            if self.shuffle_buffer > 1:
-                self._buffer.append(item)
-                if len(self._buffer) < self.shuffle_buffer:
-                    continue
-                index = self._rng.randrange(len(self._buffer))
-                self._buffer[index], self._buffer[-1] = self._buffer[-1], self._buffer[index]
-                item = self._buffer.pop()
-            self._state["yielded"] += 1
-            yield item
-        while self._buffer:  # finite streams drain the buffer at the end
-            item = self._buffer.pop(self._rng.randrange(len(self._buffer)))
-            self._state["yielded"] += 1
-            yield item
-
-    def _items(self, worker: int, num_workers: int) -> Iterator[Any]:
-        state = self._state
-        produced_any = bool(self._pending)
         while self._pending:  # items of a sample read before a resume
             yield self._pending.popleft()
+        if self.mode == "resampled":
+            yield from self._resampled(worker)
+            return
         while True:
-            plan = worker_plan(len(self.shards), self.seed, state["epoch"], self.rank, self.world_size, worker, num_workers)
-            while state["position"] < len(plan.shards):
-                shard = self.shards[plan.shards[state["position"]]].url
-                for key, sample, next_offset in self._read(shard, state["offset"]):
-                    index = state["sample_index"]
-                    state["sample_index"] += 1
-                    state["offset"] = next_offset
-                    if index % plan.stride != plan.phase:
-                        continue
-                    self._pending.extend(self.processor(key, sample, shard))
-                    produced_any = produced_any or bool(self._pending)
-                    while self._pending:
-                        yield self._pending.popleft()
-                state["position"] += 1
-                state["offset"] = 0
-                if plan.stride == 1:
-                    state["sample_index"] = 0
-            state["epoch"] += 1
-            state["position"] = 0
-            state["sample_index"] = 0
-            if not self.infinite:
+            yield from self._epoch(worker)
+            self._state.update(epoch=self._state["epoch"] + 1, segment=0, consumed=0, offset=0, yielded=0)
+            if not self.endless:
                 return
-            if not produced_any:
-                raise DataError(f"the shards produced no samples for rank {self.rank} worker {worker}: {[s.url for s in self.shards[:3]]}")
 
-    def _read(self, shard: str, offset: int) -> Iterator[tuple[str, Sample, int]]:
+    def _epoch(self, worker: int) -> Iterator[Any]:
+        state = self._state
+        reader = self.plan(state["epoch"], self._num_workers).reader(self.rank, worker)
+        quota = reader.samples if self.processor.one_to_one and self.remainder != "none" else None
+        while state["segment"] < len(reader.segments):
+            yield from self._read_segment(reader.segments[state["segment"]])
+            state.update(segment=state["segment"] + 1, consumed=0, offset=0)
+        while self._buffer:  # the epoch ends with its own samples: drain the buffer
+            yield from self._emit(self._buffer.pop(self._rng.randrange(len(self._buffer))))
+        if quota is not None:
+            while state["yielded"] < quota:  # faults cost samples: repeat one to keep batches equal
+                yield from self._repeat_last_good()
+
+    def _resampled(self, worker: int) -> Iterator[Any]:
+        state = self._state
+        while True:
+            segment = resampled_draw(self.sources, self.counts, self.seed, self.rank, worker, state["draw"])
+            yield from self._read_segment(segment)
+            state.update(draw=state["draw"] + 1, consumed=0, offset=0)
+
+    def _read_segment(self, segment: Segment) -> Iterator[Any]:
+        for entry in self._segment_samples(segment):
+            yield from self._shuffle(entry)
+
+    def _segment_samples(self, segment: Segment) -> Iterator[Tuple[Locator, str, Sample]]:
+        """Raw samples of a segment from the saved position on; read faults end the segment."""
+        state = self._state
+        url = self.shards[segment.shard].url
+        bounded = segment.stop < (1 << 62)  # resampled draws of shards without counts are not
         try:
-            with open_shard(shard, offset) as stream:
-                yield from iter_samples(stream, offset)
-        except (TarFormatError, UnicodeDecodeError) as exc:
-            raise DataError(f"unreadable shard {shard}: {exc}") from exc
-        except FileNotFoundError as exc:
-            raise DataError(f"shard not found: {shard}") from exc
+            with open_shard(url, state["offset"]) as stream:
+                offset = state["offset"]
+                if state["consumed"] == 0 and segment.start > 0:
+                    offset = skip_samples(stream, segment.start, offset)  # headers only, no data read
+                    state["offset"] = offset
+                samples = iter_samples(stream, offset)
+                while state["consumed"] < len(segment):
+                    entry = next(samples, None)
+                    if entry is None:
+                        if bounded:
+                            have = segment.start + state["consumed"]
+                            self._fault(url, None, f"has {have} samples, its manifest says at least {segment.stop}", True, len(segment) - state["consumed"])
+                        return
+                    key, sample, next_offset = entry
+                    locator = (segment.shard, segment.start + state["consumed"], offset)
+                    state.update(consumed=state["consumed"] + 1, offset=next_offset)
+                    offset = next_offset
+                    self._counters["read_samples"] += 1
+                    yield locator, key, sample
+        except (TarFormatError, OSError) as exc:
+            self._fault(url, None, f"unreadable: {exc}", True, len(segment) - state["consumed"] if bounded else 0)
+        except DataError as exc:
+            self._fault(url, None, str(exc), True, len(segment) - state["consumed"] if bounded else 0)
+
+    def _shuffle(self, entry: Tuple[Locator, str, Sample]) -> Iterator[Any]:
+        if self.shuffle_buffer <= 1:
+            yield from self._emit(entry)
+            return
+        self._buffer.append(entry)
+        if len(self._buffer) >= self.shuffle_buffer:
+            index = self._rng.randrange(len(self._buffer))
+            self._buffer[index], self._buffer[-1] = self._buffer[-1], self._buffer[index]
+            yield from self._emit(self._buffer.pop())
+
+    def _emit(self, entry: Tuple[Locator, str, Sample]) -> Iterator[Any]:
+        locator, key, sample = entry
+        url = self.shards[locator[0]].url
+        try:
+            items = self.processor(key, sample, url)
+        except SampleError as exc:
+            self._fault(url, key, str(exc))
+            return
+        if self.processor.one_to_one:
+            self._last_good = locator
+        self._pending.extend(items)
+        while self._pending:
+            self._state["yielded"] += 1
+            yield self._pending.popleft()
+
+    def _repeat_last_good(self) -> Iterator[Any]:
+        if self._last_good is None:
+            raise DataError(
+                f"rank {self.rank}: no sample of its share of epoch {self._state['epoch']} could be read or decoded "
+                f"(shards such as {self.shards[0].url}); see the warnings above"
+            )
+        self._counters["repeated_samples"] += 1
+        locator, key, sample = self._reread(self._last_good)
+        items = self.processor(key, sample, self.shards[locator[0]].url)
+        self._state["yielded"] += 1
+        yield items[0]
+
+    def _reread(self, locator: Locator) -> Tuple[Locator, str, Sample]:
+        shard, _, offset = locator
+        with open_shard(self.shards[shard].url, offset) as stream:
+            key, sample, _ = next(iter_samples(stream, offset))
+        return locator, key, sample
+
+    def _fault(self, url: str, key: Optional[str], reason: str, shard_failed: bool = False, lost: int = 0) -> None:
+        where = f"shard {url}" + (f", sample {key}" if key else "")
+        if self.on_error == "raise":
+            raise DataError(f"{where}: {reason}")
+        if shard_failed:
+            self._counters["skipped_shards"] += 1
+            self._counters["skipped_samples"] += lost
+        else:
+            self._counters["skipped_samples"] += 1
+        log.warning("skipping %s: %s", where, reason)
+
+    @property
+    def counters(self) -> Dict[str, int]:
+        return dict(self._counters)
 
 
 def collate_arrays(items: List[Any]) -> torch.Tensor:

@@ -43,10 +43,22 @@ def _read_exact(stream: BinaryIO, n: int, offset: int) -> bytes:
     return data
 
 
-def iter_members(stream: BinaryIO, offset: int = 0) -> Iterator[Tuple[str, bytes, int]]:
+def _skip(stream: BinaryIO, n: int, offset: int) -> None:
+    try:
+        stream.seek(n, 1)
+    except (OSError, AttributeError, ValueError):  # pipes and HTTP bodies: read and drop
+        while n > 0:
+            chunk = stream.read(min(n, 1 << 20))
+            if not chunk:
+                raise TarFormatError(f"truncated tar: member data ends early at offset {offset}")
+            n -= len(chunk)
+
+
+def iter_members(stream: BinaryIO, offset: int = 0, read_data: bool = True) -> Iterator[Tuple[str, bytes, int]]:
     """Yield ``(name, data, header_offset)`` for each regular file, from byte ``offset`` on.
 
-    ``stream`` must already be positioned at ``offset`` (the caller seeks or skips).
+    ``stream`` must already be positioned at ``offset`` (the caller seeks or skips). With
+    ``read_data=False`` member data is skipped (seeked over) and ``data`` is empty.
     """
     long_name: str | None = None
     header_offset = offset
@@ -63,7 +75,11 @@ def iter_members(stream: BinaryIO, offset: int = 0) -> Iterator[Tuple[str, bytes
         size = _octal(header[124:136])
         typeflag = header[156:157]
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
-        data = _read_exact(stream, padded, offset + BLOCK)[:size] if padded else b""
+        if read_data or typeflag in (b"L", b"x"):
+            data = _read_exact(stream, padded, offset + BLOCK)[:size] if padded else b""
+        else:
+            _skip(stream, padded, offset + BLOCK)
+            data = b""
         offset += BLOCK + padded
         if typeflag in (b"L",):  # GNU long name for the next member
             long_name = data.rstrip(b"\0").decode("utf-8")
@@ -115,3 +131,19 @@ def _end_offset(stream: BinaryIO) -> int:
         return stream.tell()
     except (OSError, AttributeError):  # non-seekable streams: any huge offset means "done"
         return 1 << 62
+
+
+def skip_samples(stream: BinaryIO, count: int, offset: int = 0) -> int:
+    """Move past ``count`` samples reading only tar headers; return the offset of the next
+    sample (the stream is left positioned there)."""
+    if count <= 0:
+        return offset
+    seen, key = 0, None
+    for name, _, header_offset in iter_members(stream, offset, read_data=False):
+        member_key, _ = split_name(name)
+        if member_key != key:
+            if seen == count:
+                stream.seek(header_offset)
+                return header_offset
+            seen, key = seen + 1, member_key
+    return _end_offset(stream)

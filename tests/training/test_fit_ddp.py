@@ -60,6 +60,14 @@ def test_ddp_fit_checkpoints_resumes_and_logs(text_corpus, tmp_path):
     assert {row["trainer/global_step"] for row in logged if "train/loss" in row} == set(range(9))
     assert any("val/ppl" in row for row in logged)
 
+    # Exact resume on both ranks: the same weights as a run that was never stopped.
+    straight = tmp_path / "straight"
+    run_fit(text_corpus, straight, "trainer.max_steps=9")
+    resumed = torch.load(run_dir / "checkpoints/step-00000009.ckpt", weights_only=False)["state_dict"]
+    uninterrupted = torch.load(straight / "checkpoints/step-00000009.ckpt", weights_only=False)["state_dict"]
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(tensor, resumed[name]), name
+
 
 @pytest.mark.timeout(300)
 def test_mlm_fit_runs_and_learns_something(text_corpus, tmp_path):
@@ -68,3 +76,31 @@ def test_mlm_fit_runs_and_learns_something(text_corpus, tmp_path):
     losses = [r["train/loss"] for r in rows(run_dir) if "train/loss" in r]
     assert len(losses) == 12 and losses[-1] < losses[0]
     assert not (run_dir / "wandb").exists()
+
+
+@pytest.mark.timeout(300)
+def test_epochs_over_tiny_uneven_shards_finish_without_hanging(text_corpus, tmp_path):
+    """3 shards of 1, 2 and 5 documents on 2 ranks x 2 workers: many epochs, no hang."""
+    shards = tmp_path / "tiny"
+    sizes = [1, 2, 5]
+    texts = [f"def f{i}(x):\n    return x * {i}\n" * (3 + i) for i in range(sum(sizes))]
+    import io
+    import tarfile
+
+    shards.mkdir()
+    n = 0
+    for number, size in enumerate(sizes):
+        with tarfile.open(shards / f"tiny-{number:06d}.tar", "w") as tar:
+            for _ in range(size):
+                data = texts[n].encode()
+                info = tarfile.TarInfo(f"doc{n:04d}.txt")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+                n += 1
+    run_dir = tmp_path / "epochs"
+    run_fit(text_corpus, run_dir, f"data.train={shards}", "data.num_workers=2", "trainer.max_steps=12", "logging.wandb=disabled")
+    state = torch.load(run_dir / "checkpoints/step-00000012.ckpt", weights_only=False)
+    loader = state["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert loader["world_size"] == 2 and len(loader["ranks"]) == 2
+    epochs = [w["dataset_state"]["epoch"] for rank in loader["ranks"] for w in rank["_snapshot"]["_worker_snapshots"].values()]
+    assert min(epochs) >= 2, f"the stream went through several epochs: {epochs}"
