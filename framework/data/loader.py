@@ -26,6 +26,11 @@ from framework.errors import DataError
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = "framework-loader/1"
+# The train loader's reported length. Having a length keeps Lightning from prefetching a
+# batch (which would checkpoint a position one batch ahead); making it far longer than any
+# run keeps a Lightning "epoch" from ending at max_steps: when a finished run is extended,
+# Lightning would otherwise start a new epoch with a fresh iterator and lose the position.
+ENDLESS_SAMPLES = 1 << 50
 
 
 def _world() -> tuple[int, int]:
@@ -135,18 +140,17 @@ def train_loader(
     seed: int,
     rank: int,
     world_size: int,
-    total_batches: int,
     collate_fn: Optional[Callable[[List[Any]], Any]] = None,
     sources: Optional[Sources] = None,
 ) -> ResumableLoader:
     """An endless, shuffled, resumable stream of ``data.batch_size`` batches for this rank
-    (epoch after epoch, or resampled draws). ``total_batches``: what the run will draw."""
+    (epoch after epoch, or resampled draws); the run's ``max_steps`` ends it."""
     if data.mode == "epoch":
         shards = with_counts(shards)
     stream = ShardStream(
         shards, processor, seed=seed, rank=rank, world_size=world_size, batch_size=data.batch_size,
         mode=data.mode, remainder=data.remainder, endless=True, shuffle_buffer=data.shuffle_buffer,
-        on_error=data.on_error, sources=sources, length=total_batches * data.batch_size,
+        on_error=data.on_error, sources=sources, length=ENDLESS_SAMPLES,
     )
     return ResumableLoader(
         stream, batch_size=data.batch_size, num_workers=data.num_workers, collate_fn=collate_fn or collate_arrays,

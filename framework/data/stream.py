@@ -110,8 +110,7 @@ class ShardStream(IterableDataset):
         self._num_workers = 1
 
     def __len__(self) -> int:
-        # A length stops Lightning from prefetching a batch ahead, which would put the
-        # checkpointed loader position one batch past the last trained one.
+        # See loader.ENDLESS_SAMPLES for why a training stream reports a length.
         if self.length is None:
             raise TypeError("this stream has no length")
         return self.length

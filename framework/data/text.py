@@ -65,9 +65,9 @@ class TokenPacker:
 class TextDataModule(LightningDataModule):
     """Train: an endless packed token stream per rank; val: one pass over held-out shards."""
 
-    def __init__(self, data: DataConfig, seed: int, block_len: int, train_batches: int) -> None:
+    def __init__(self, data: DataConfig, seed: int, block_len: int) -> None:
         super().__init__()
-        self.data, self.seed, self.block_len, self.train_batches = data, seed, block_len, train_batches
+        self.data, self.seed, self.block_len = data, seed, block_len
         self.train_shards, ranges, weights = resolve_sources(data.train, "data.train")
         self.sources = Sources(tuple(ranges), tuple(weights))
         check_data_config(data, len(ranges))
@@ -81,7 +81,7 @@ class TextDataModule(LightningDataModule):
         rank, world = self._rank_world()
         return train_loader(
             self.train_shards, TokenPacker(self.data.tokenizer, self.block_len), self.data,
-            seed=self.seed, rank=rank, world_size=world, total_batches=self.train_batches, sources=self.sources,
+            seed=self.seed, rank=rank, world_size=world, sources=self.sources,
         )
 
     def val_dataloader(self):

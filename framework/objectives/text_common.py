@@ -24,5 +24,4 @@ def tokenizer_facts(cfg: RunConfig) -> tuple[int, Dict[str, int]]:
 def text_datamodule(cfg: RunConfig) -> TextDataModule:
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
-    train_batches = cfg.trainer.max_steps * cfg.trainer.accumulate_grad_batches
-    return TextDataModule(cfg.data, cfg.run.seed, block_len=cfg.data.seq_len, train_batches=train_batches)
+    return TextDataModule(cfg.data, cfg.run.seed, block_len=cfg.data.seq_len)

@@ -37,7 +37,10 @@ def rows(run_dir: Path) -> list[dict]:
 @pytest.mark.timeout(600)
 def test_ddp_fit_checkpoints_resumes_and_logs(text_corpus, tmp_path):
     run_dir = tmp_path / "run"
-    run_fit(text_corpus, run_dir, "trainer.max_steps=6")
+    # A constant learning rate after warm-up: the schedule does not depend on max_steps, so a
+    # run stopped at 6 and resumed to 9 can be compared with one that went to 9 straight.
+    constant_lr = ("optim.warmup_steps=1", "optim.min_lr_ratio=1.0")
+    run_fit(text_corpus, run_dir, "trainer.max_steps=6", *constant_lr)
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) == ["step-00000003.ckpt", "step-00000006.ckpt"]
     first = rows(run_dir)
     assert [r["step"] for r in first if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
@@ -46,7 +49,7 @@ def test_ddp_fit_checkpoints_resumes_and_logs(text_corpus, tmp_path):
     assert checkpoint["global_step"] == 6
     assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"], "the data loader state is in the checkpoint"
 
-    output = run_fit(text_corpus, run_dir, "trainer.max_steps=9")
+    output = run_fit(text_corpus, run_dir, "trainer.max_steps=9", *constant_lr)
     assert "resuming from step-00000006.ckpt" in output
     assert (run_dir / "checkpoints/step-00000009.ckpt").exists()
     steps = [r["step"] for r in rows(run_dir) if "train/loss" in r]
@@ -62,7 +65,7 @@ def test_ddp_fit_checkpoints_resumes_and_logs(text_corpus, tmp_path):
 
     # Exact resume on both ranks: the same weights as a run that was never stopped.
     straight = tmp_path / "straight"
-    run_fit(text_corpus, straight, "trainer.max_steps=9")
+    run_fit(text_corpus, straight, "trainer.max_steps=9", *constant_lr)
     resumed = torch.load(run_dir / "checkpoints/step-00000009.ckpt", weights_only=False)["state_dict"]
     uninterrupted = torch.load(straight / "checkpoints/step-00000009.ckpt", weights_only=False)["state_dict"]
     for name, tensor in uninterrupted.items():
