@@ -17,6 +17,13 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     fit(load_config(args.config, args.overrides))
 
 
+def _cmd_consolidate(args: argparse.Namespace) -> None:
+    from framework.training.consolidate import consolidate
+
+    summary = consolidate(args.checkpoint, args.output)
+    print(f"{args.checkpoint} ({summary['kind']}) -> {args.output}: {summary['tensors']} tensors, {summary['parameters']:,} values")
+
+
 def _cmd_shards_text(args: argparse.Namespace) -> None:
     from framework.data.writers.text import write_text_shards
 
@@ -29,11 +36,93 @@ def _cmd_shards_text(args: argparse.Namespace) -> None:
         max_chars_per_sample=args.max_chars,
         val_fraction=args.val_fraction,
         seed=args.seed,
+        overwrite=args.overwrite,
+        workers=args.workers,
+        shards_per_chunk=args.shards_per_chunk,
     )
     # Skipped files were already reported one by one as warnings.
     print(f"{summary['documents']} documents -> {summary['samples']} samples; {len(summary['skipped'])} files skipped")
     for split, info in summary["splits"].items():
         print(f"  {split}: {info['samples']} samples in {info['shards']} shards, {info['bytes'] / 2**20:.1f} MiB -> {info['dir']}")
+
+
+def _cmd_shards_images(args: argparse.Namespace) -> None:
+    from framework.data.writers.images import write_image_shards
+
+    summary = write_image_shards(
+        args.input or [], args.output, list_file=args.list, include=args.include, val_fraction=args.val_fraction,
+        max_samples=args.max_samples, max_samples_per_shard=args.max_samples_per_shard,
+        max_shard_bytes=args.max_shard_bytes, seed=args.seed, overwrite=args.overwrite,
+    )
+    classes = f", {len(summary['classes'])} classes" if summary["classes"] else ""
+    print(f"{summary['images']} images{classes}; {len(summary['skipped'])} skipped")
+    for split, info in summary["splits"].items():
+        print(f"  {split}: {info['samples']} samples in {info['shards']} shards, {info['bytes'] / 2**20:.1f} MiB -> {info['dir']}")
+
+
+def _print_written(summary: dict, what: str) -> None:
+    """The closing lines of `pretrain shards pairs|audio` (skips were already warned one by one)."""
+    print(f"{summary['samples']} samples from {summary['inputs']} {what}; {len(summary['skipped'])} skipped")
+    print(f"  {summary['shards']} shards, {summary['bytes'] / 2**20:.1f} MiB -> {summary['output']}")
+
+
+def _cmd_shards_pairs(args: argparse.Namespace) -> None:
+    from framework.data.writers.pairs import write_pair_shards
+
+    summary = write_pair_shards(
+        args.input,
+        args.output,
+        image_key=args.image_key,
+        caption_key=args.caption_key,
+        max_samples_per_shard=args.max_samples_per_shard,
+        max_shard_bytes=args.max_shard_bytes,
+        seed=args.seed,
+        verify=args.verify,
+        overwrite=args.overwrite,
+        workers=args.workers,
+        shards_per_chunk=args.shards_per_chunk,
+    )
+    _print_written(summary, "rows")
+
+
+def _cmd_shards_audio(args: argparse.Namespace) -> None:
+    from framework.data.writers.audio import write_audio_shards
+
+    summary = write_audio_shards(
+        args.input,
+        args.output,
+        include=args.include,
+        transcripts=args.transcripts,
+        labels_from_folders=args.labels_from_folders,
+        max_samples_per_shard=args.max_samples_per_shard,
+        max_shard_bytes=args.max_shard_bytes,
+        seed=args.seed,
+        verify=args.verify,
+        overwrite=args.overwrite,
+        workers=args.workers,
+        shards_per_chunk=args.shards_per_chunk,
+    )
+    _print_written(summary, "audio files")
+    seconds = summary["seconds"]
+    length = f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds:.1f} s"
+    print(f"  {length} of audio, {summary['with_transcript']} with transcript"
+          + (f", {len(summary['classes'])} classes" if summary["classes"] else ""))
+
+
+def _add_writer_args(parser: argparse.ArgumentParser) -> None:
+    """Options every shard writer shares: caps, parallelism, resume/overwrite."""
+    parser.add_argument("--max-samples-per-shard", type=int, default=1000)
+    parser.add_argument("--max-shard-bytes", type=int, default=64 * 2**20)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the order samples are written in")
+    parser.add_argument("--workers", type=int, default=None, help="writer processes (default: min(4, CPUs))")
+    parser.add_argument(
+        "--shards-per-chunk", type=int, default=8,
+        help="inputs are cut into chunks of about this many shards: the unit of parallel work and of resume",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace shards of a different earlier write in OUTPUT (rerunning the same command resumes)",
+    )
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -73,17 +162,54 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=200")
     fit.set_defaults(func=_cmd_fit)
 
+    consolidate = sub.add_parser("consolidate", help="any checkpoint (ddp, fsdp, deepspeed) -> one safetensors file of weights")
+    consolidate.add_argument("checkpoint", help="a step-XXXXXXXX.ckpt file or directory")
+    consolidate.add_argument("output", help="the .safetensors file to write (the run config goes in its metadata)")
+    consolidate.set_defaults(func=_cmd_consolidate)
+
     shards = sub.add_parser("shards", help="write webdataset tar shards from raw files").add_subparsers(dest="kind", required=True)
     text = shards.add_parser("text", help="text files -> shards of documents (one file, one document)")
     text.add_argument("--input", "-i", nargs="+", required=True, help="files, directories or globs")
     text.add_argument("--output", "-o", required=True, help="output directory")
     text.add_argument("--include", nargs="*", help="file name patterns to keep in directories, e.g. '*.py' '*.txt'")
-    text.add_argument("--max-samples-per-shard", type=int, default=1000)
-    text.add_argument("--max-shard-bytes", type=int, default=64 * 2**20)
     text.add_argument("--max-chars", type=int, default=20000, help="longer documents are split at line ends")
     text.add_argument("--val-fraction", type=float, default=0.0, help="documents held out into OUTPUT/val")
-    text.add_argument("--seed", type=int, default=0)
+    _add_writer_args(text)
     text.set_defaults(func=_cmd_shards_text)
+
+    images = shards.add_parser("images", help="image files -> shards (class sub-folders or a list file give labels)")
+    source = images.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", "-i", nargs="+", help="folders (root/<class>/<image> gives labels), files or globs")
+    source.add_argument("--list", help="a text file: one 'path [integer label]' per line, paths relative to it")
+    images.add_argument("--output", "-o", required=True, help="output directory")
+    images.add_argument("--include", nargs="*", help="file name patterns to keep in folders (default: common image types)")
+    images.add_argument("--val-fraction", type=float, default=0.0, help="images held out into OUTPUT/val")
+    images.add_argument("--max-samples", type=int, default=None, help="write at most this many images (a seeded random subset)")
+    images.add_argument("--max-samples-per-shard", type=int, default=1000)
+    images.add_argument("--max-shard-bytes", type=int, default=64 * 2**20)
+    images.add_argument("--seed", type=int, default=0)
+    images.add_argument("--overwrite", action="store_true", help="replace shards an earlier write left in OUTPUT")
+    images.set_defaults(func=_cmd_shards_images)
+
+    pairs = shards.add_parser("pairs", help="image-text pairs listed in .jsonl/.csv/.tsv files -> shards")
+    pairs.add_argument("--input", "-i", nargs="+", required=True, help="list files: one row per pair")
+    pairs.add_argument("--output", "-o", required=True, help="output directory")
+    pairs.add_argument("--image-key", default="image", help="column/key of the image path (relative to the list file)")
+    pairs.add_argument("--caption-key", default="caption", help="column/key of the caption")
+    pairs.add_argument("--verify", action="store_true", help="decode every image with Pillow; skip those that fail")
+    _add_writer_args(pairs)
+    pairs.set_defaults(func=_cmd_shards_pairs)
+
+    audio = shards.add_parser("audio", help="wav/flac files -> shards (optional transcripts or folder labels)")
+    audio.add_argument("--input", "-i", nargs="+", required=True, help="files, directories or globs")
+    audio.add_argument("--output", "-o", required=True, help="output directory")
+    audio.add_argument("--include", nargs="*", help="file name patterns to keep in directories (default: wav and flac)")
+    audio.add_argument("--transcripts", help="a .tsv (audio<TAB>text, or a header with path/sentence columns) "
+                       "or .jsonl mapping; a sibling FILE.txt next to an audio file is used too")
+    audio.add_argument("--labels-from-folders", action="store_true", help="class label = the parent folder's name")
+    audio.add_argument("--verify", action="store_true", help="decode every file fully; skip those that fail")
+    _add_writer_args(audio)
+    audio.set_defaults(func=_cmd_shards_audio)
 
     tokenizer = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="action", required=True)
     train = tokenizer.add_parser("train", help="train a byte-level BPE tokenizer")

@@ -11,7 +11,7 @@ import os
 import tarfile
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from framework.data.manifest import MANIFEST_NAME, write_manifest
 from framework.errors import DataError
@@ -76,6 +76,11 @@ class ShardWriter:
     ``max_bytes`` gets a shard of its own; samples are never split). Shards are written as
     ``<name>.tmp`` and renamed when complete; the manifest is written on a clean close
     only, so an interrupted write leaves no half shard under a final name and no manifest.
+
+    ``shard_name`` maps the shard's index in this writer to its file name (default
+    ``{prefix}-{index:06d}.tar``). With ``standalone=False`` the caller owns the directory:
+    existing outputs are neither checked nor cleared and no manifest is written on close
+    (the parallel driver merges several writers' shard lists into one manifest itself).
     """
 
     def __init__(
@@ -88,6 +93,8 @@ class ShardWriter:
         max_bytes: int = 64 * 2**20,
         manifest_extra: dict[str, Any] | None = None,
         overwrite: bool = False,
+        shard_name: Callable[[int], str] | None = None,
+        standalone: bool = True,
     ) -> None:
         if max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
@@ -104,7 +111,10 @@ class ShardWriter:
         self.manifest_extra: dict[str, Any] = dict(manifest_extra or {})
         self.shards: list[dict[str, Any]] = []
         self.closed = False
-        clear_existing_outputs(self.directory, prefix, overwrite)
+        self.standalone = standalone
+        self._shard_name = shard_name or (lambda index: f"{prefix}-{index:06d}.tar")
+        if standalone:
+            clear_existing_outputs(self.directory, prefix, overwrite)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._file: io.BufferedWriter | None = None
         self._tar: tarfile.TarFile | None = None
@@ -178,7 +188,7 @@ class ShardWriter:
         self._samples += 1
 
     def _open_shard(self) -> None:
-        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        name = self._shard_name(len(self.shards))
         self._tmp_path = self.directory / f"{name}.tmp"
         self._file = open(self._tmp_path, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=_TAR_FORMAT, encoding="utf-8")
@@ -204,7 +214,8 @@ class ShardWriter:
             return
         if self._tar is not None:
             self._close_shard()
-        write_manifest(self.directory, self.shards, self.modality, self.manifest_extra)
+        if self.standalone:
+            write_manifest(self.directory, self.shards, self.modality, self.manifest_extra)
         self.closed = True
 
     def abort(self) -> None:

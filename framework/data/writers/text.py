@@ -2,19 +2,20 @@
 
 Every input file is one document; long documents are cut at line boundaries into
 consecutive chunks so that concatenating a document's chunks in key order gives back
-the file exactly.
+the file exactly. Writing runs in parallel and resumes after a crash through
+:mod:`framework.data.writers.parallel`.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import random
-from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from framework.data.files import expand_inputs_with_names, file_progress, read_text_file
-from framework.data.writers.shard_writer import ShardWriter, clear_existing_outputs
+from framework.data.files import expand_inputs_with_names, read_text_file
+from framework.data.writers.parallel import Sample, Skip, SplitResult, write_parallel
 from framework.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,27 @@ def sample_key(doc_index: int, chunk: int) -> str:
     return f"d{doc_index:08d}c{chunk:04d}"
 
 
+class TextItem(NamedTuple):
+    """One input file; size and mtime are in it so that an edited file changes the fingerprint."""
+
+    doc_index: int
+    path: str
+    split: str
+    size: int
+    mtime_ns: int
+
+
+def _process_text(item: TextItem, max_chars: int) -> Skip | list[Sample]:
+    """Read one document and cut it into samples (runs in a writer worker)."""
+    text, reason = read_text_file(Path(item.path))
+    if text is None:
+        return Skip(item.path, reason or "unreadable")
+    return [
+        Sample(sample_key(item.doc_index, chunk), {"txt": piece.encode("utf-8")}, split=item.split)
+        for chunk, piece in enumerate(split_document(text, max_chars))
+    ]
+
+
 def write_text_shards(
     inputs: list[str],
     output: str,
@@ -76,6 +98,8 @@ def write_text_shards(
     val_fraction: float = 0.0,
     seed: int = 0,
     overwrite: bool = False,
+    workers: int | None = None,
+    shards_per_chunk: int = 8,
 ) -> dict[str, Any]:
     """Write text files (files, directories, globs) as shuffled webdataset shards under ``output``.
 
@@ -83,6 +107,10 @@ def write_text_shards(
     ``output``; each directory gets a manifest. Empty and non-UTF-8 files are skipped with a
     warning and listed in the summary. ``doc_index`` in sample keys is the file's position in
     the sorted input list, so keys are stable and unique across splits.
+
+    ``workers`` processes (default min(4, CPUs)) write chunks of about ``shards_per_chunk``
+    shards each; the shards are the same for any ``workers``. Rerunning after a crash
+    resumes; other inputs or options in a non-empty ``output`` need ``overwrite``.
 
     Returns ``{"files", "documents", "samples", "skipped": [(path, reason)], "output",
     "splits": {name: {"dir", "documents", "samples", "shards", "bytes"}}}``.
@@ -114,53 +142,53 @@ def write_text_shards(
         held_out = [False] * len(files)
         split_dirs = {"train": out}
         stale_dirs = [out / "train", out / "val"]
-    # Shards of the other layout from an earlier run would be just as misleading.
-    for directory in stale_dirs:
-        clear_existing_outputs(directory, SHARD_PREFIX, overwrite)
+    # stale_dirs: shards of the other layout from an earlier run would be just as misleading.
 
     order = list(range(len(files)))
     random.Random(seed).shuffle(order)  # so shards are not sorted by directory
+    items = []
+    for doc_index in order:
+        path = files[doc_index][0]
+        try:
+            stat = path.stat()
+        except OSError as err:
+            raise DataError(f"cannot read {path}: {err.strerror}") from err
+        split = "val" if held_out[doc_index] else "train"
+        items.append(TextItem(doc_index, str(path), split, stat.st_size, stat.st_mtime_ns))
 
     extra = {"source": "text", "max_chars_per_sample": max_chars_per_sample, "seed": seed, "val_fraction": val_fraction}
-    skipped: list[tuple[str, str]] = []
-    docs = {name: 0 for name in split_dirs}
-    with ExitStack() as stack:
-        writers = {
-            name: stack.enter_context(
-                ShardWriter(
-                    directory,
-                    modality="text",
-                    prefix=SHARD_PREFIX,
-                    max_samples=max_samples_per_shard,
-                    max_bytes=max_shard_bytes,
-                    manifest_extra={**extra, "split": name},
-                    overwrite=overwrite,
-                )
-            )
-            for name, directory in split_dirs.items()
-        }
-        with file_progress("writing text shards", total=len(files)) as update:
-            for doc_index in order:
-                path, _ = files[doc_index]
-                text, reason = read_text_file(path)
-                if text is None:
-                    log.warning("skipping %s: %s", path, reason)
-                    skipped.append((str(path), reason))
-                else:
-                    split = "val" if held_out[doc_index] else "train"
-                    for chunk, piece in enumerate(split_document(text, max_chars_per_sample)):
-                        writers[split].write(sample_key(doc_index, chunk), {"txt": piece.encode("utf-8")})
-                    docs[split] += 1
-                update()
-        if sum(docs.values()) == 0:
-            # Raised inside the writers' context so they discard everything and write no manifest.
-            raise DataError(
-                f"empty corpus: all {len(files)} input file(s) in {', '.join(map(str, inputs))} were skipped "
-                f"(first: {skipped[0][0]}: {skipped[0][1]})"
-            )
-        for name, writer in writers.items():
-            writer.manifest_extra["documents"] = docs[name]
-    # The writers are closed (shards renamed, manifests written) once the ExitStack exits.
+
+    def manifest_extra(name: str, result: SplitResult) -> dict[str, Any]:
+        return {**extra, "split": name, "documents": result.items}
+
+    def empty_error(skipped: list[tuple[str, str]]) -> DataError:
+        first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        return DataError(
+            f"empty corpus: all {len(files)} input file(s) in {', '.join(map(str, inputs))} were skipped{first}"
+        )
+
+    result = write_parallel(
+        items,
+        functools.partial(_process_text, max_chars=max_chars_per_sample),
+        out,
+        writer="text",
+        modality="text",
+        options={"max_chars_per_sample": max_chars_per_sample, "seed": seed, "val_fraction": val_fraction},
+        splits=split_dirs,
+        stale_dirs=stale_dirs,
+        max_samples_per_shard=max_samples_per_shard,
+        max_shard_bytes=max_shard_bytes,
+        item_sizes=[item.size for item in items],
+        shards_per_chunk=shards_per_chunk,
+        workers=workers,
+        overwrite=overwrite,
+        manifest_extra=manifest_extra,
+        empty_error=empty_error,
+        description="writing text shards",
+        prefix=SHARD_PREFIX,
+    )
+    skipped = [(name, reason) for name, reason in result.skipped]
+    docs = {name: split.items for name, split in result.splits.items()}
 
     if val_fraction > 0 and docs["val"] == 0:
         log.warning("validation split %s is empty: every held-out file was skipped", split_dirs["val"])
@@ -168,13 +196,13 @@ def write_text_shards(
         log.warning("skipped %d of %d input file(s) (empty or not UTF-8)", len(skipped), len(files))
     splits = {
         name: {
-            "dir": str(writer.directory),
-            "documents": docs[name],
-            "samples": sum(s["samples"] for s in writer.shards),
-            "shards": len(writer.shards),
-            "bytes": sum(s["bytes"] for s in writer.shards),
+            "dir": str(split.directory),
+            "documents": split.items,
+            "samples": split.samples,
+            "shards": len(split.shards),
+            "bytes": split.bytes,
         }
-        for name, writer in writers.items()
+        for name, split in result.splits.items()
     }
     return {
         "files": len(files),
