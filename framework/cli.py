@@ -135,6 +135,26 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def _cmd_data_inspect(args: argparse.Namespace) -> None:
+    from framework.config.load import load_config
+    from framework.data.inspect import inspect_data
+    from framework.objectives import objective_module
+
+    cfg = load_config(args.config, args.overrides)
+    processor = None
+    if args.verify:
+        _, datamodule = objective_module(cfg.objective.name).build(cfg)
+        processor = datamodule.processor() if hasattr(datamodule, "processor") else None
+    world = args.world_size or cfg.trainer.devices * cfg.trainer.num_nodes
+    workers = cfg.data.num_workers if args.workers is None else args.workers
+    summary = inspect_data(
+        cfg.data.train, seed=cfg.run.seed, batch_size=cfg.data.batch_size, remainder=cfg.data.remainder,
+        world_size=world, num_workers=workers, epochs=args.epochs, processor=processor, verify=args.verify,
+    )
+    if summary["bad"] or summary["missing"] or summary["duplicates"]:
+        raise SystemExit(1)
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from framework.demo import run_text_demo
 
@@ -220,6 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--include", nargs="*")
     train.add_argument("--max-bytes", type=int, default=None, help="read at most this much text")
     train.set_defaults(func=_cmd_tokenizer_train)
+
+    data = sub.add_parser("data", help="look at a run's data before training").add_subparsers(dest="action", required=True)
+    inspect = data.add_parser("inspect", help="sources, counts and each rank's and worker's share of an epoch")
+    inspect.add_argument("--config", "-c", help="experiment YAML")
+    inspect.add_argument("--world-size", type=int, default=None, help="ranks to simulate (default: devices x nodes)")
+    inspect.add_argument("--workers", type=int, default=None, help="dataloader workers per rank (default: data.num_workers)")
+    inspect.add_argument("--epochs", type=int, default=1)
+    inspect.add_argument("--verify", action="store_true", help="read and decode every sample, report bad ones by name")
+    inspect.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.train=shards/")
+    inspect.set_defaults(func=_cmd_data_inspect)
 
     demo = sub.add_parser("demo", help="the built-in demo: GPT on the Python standard library's source")
     demo.add_argument("--steps", type=int, default=600)

@@ -39,9 +39,13 @@ class DataConfig:
     num_workers: int = 2  # dataloader workers per rank
     shuffle_buffer: int = 256  # raw samples held by each worker's shuffle buffer
     val_batch_size: Optional[int] = None  # defaults to batch_size
+    image_size: int = 0  # images: side the loader resizes to (0: from the shards' manifest or first image)
+    channels: int = 0  # images: 1 (grayscale) or 3 (RGB); 0: from the shards' manifest or first image
     mode: str = "epoch"  # epoch (every sample once per epoch) | resampled (endless weighted draws)
     remainder: str = "drop"  # epoch samples beyond equal full batches per rank: drop | pad (repeat)
     on_error: str = "skip"  # a missing/bad shard or sample: skip (warn, count) | raise
+    cache_dir: Optional[str] = None  # local copies of remote shards (http, s3, gs, pipe:)
+    cache_limit_gb: float = 100.0  # least recently used copies go beyond this size
 
 
 @dataclass

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from framework.config.schema import DataConfig
+from framework.data.cache import ShardCache
 from framework.data.plan import Segment, Sources, epoch_plan, plan_from_sequence
 from framework.data.sources import Shard, with_counts
 from framework.data.stream import COUNTERS, Processor, ShardStream, collate_arrays
@@ -120,6 +121,10 @@ def elastic_remainder(stream: ShardStream, saved: Dict[str, Any]) -> Optional[Di
     return {"epoch": epoch, "remaining": remaining}
 
 
+def shard_cache(data: DataConfig) -> Optional[ShardCache]:
+    return ShardCache(data.cache_dir, int(data.cache_limit_gb * 2**30)) if data.cache_dir else None
+
+
 def check_data_config(data: DataConfig, train_sources: int = 1) -> None:
     """Reject bad data options with a message naming the key (before any process starts)."""
     choices = {"mode": ("epoch", "resampled"), "remainder": ("drop", "pad"), "on_error": ("skip", "raise")}
@@ -146,11 +151,11 @@ def train_loader(
     """An endless, shuffled, resumable stream of ``data.batch_size`` batches for this rank
     (epoch after epoch, or resampled draws); the run's ``max_steps`` ends it."""
     if data.mode == "epoch":
-        shards = with_counts(shards)
+        shards = with_counts(shards, data.on_error)
     stream = ShardStream(
         shards, processor, seed=seed, rank=rank, world_size=world_size, batch_size=data.batch_size,
         mode=data.mode, remainder=data.remainder, endless=True, shuffle_buffer=data.shuffle_buffer,
-        on_error=data.on_error, sources=sources, length=ENDLESS_SAMPLES,
+        on_error=data.on_error, sources=sources, length=ENDLESS_SAMPLES, cache=shard_cache(data),
     )
     return ResumableLoader(
         stream, batch_size=data.batch_size, num_workers=data.num_workers, collate_fn=collate_fn or collate_arrays,
@@ -170,8 +175,8 @@ def val_loader(
 ) -> DataLoader:
     """One pass over held-out shards in a fixed order, every sample on exactly one rank."""
     stream = ShardStream(
-        with_counts(shards), processor, seed=seed, rank=rank, world_size=world_size, batch_size=1,
-        mode="epoch", remainder="none", endless=False, on_error=data.on_error,
+        with_counts(shards, data.on_error), processor, seed=seed, rank=rank, world_size=world_size, batch_size=1,
+        mode="epoch", remainder="none", endless=False, on_error=data.on_error, cache=shard_cache(data),
     )
     return DataLoader(
         stream, batch_size=data.val_batch_size or data.batch_size, num_workers=min(data.num_workers, 1),

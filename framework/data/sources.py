@@ -10,6 +10,7 @@ these, or hold sources with weights for resampled mode:
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import subprocess
 from dataclasses import dataclass, replace
@@ -18,10 +19,14 @@ from typing import Any, BinaryIO, List, Optional, Tuple
 
 from braceexpand import braceexpand
 
+from framework.data.cache import ShardCache
 from framework.data.manifest import read_manifest
 from framework.errors import DataError
 
-_READ_BUFFER = 1 << 20
+# Reads larger than the buffer bypass it (one copy for big members); small members
+# (text) are still served from it without a system call each.
+_READ_BUFFER = 1 << 16
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -113,8 +118,15 @@ def resolve_shards(spec: Any, key: str = "data.train") -> List[Shard]:
     return resolve_sources(spec, key)[0]
 
 
-def open_shard(url: str, offset: int = 0) -> BinaryIO:
-    """Open a shard for reading, positioned at byte ``offset``."""
+def open_shard(url: str, offset: int = 0, cache: "Optional[ShardCache]" = None) -> BinaryIO:
+    """Open a shard for reading, positioned at byte ``offset``; remote shards go through
+    ``cache`` when one is given."""
+    if cache is not None and is_remote(url):
+        cached = cache.lookup(url)
+        if cached is not None:
+            return open_shard(str(cached), offset)
+        if offset == 0:
+            return cache.tee(open_shard(url), url)
     if url.startswith("pipe:"):
         process = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, bufsize=_READ_BUFFER)
         stream = _PipeStream(process, url)
@@ -183,8 +195,9 @@ class _PipeStream:
         self.process.wait()
 
 
-def count_samples(url: str) -> int:
-    """Count a shard's samples by reading its tar headers only."""
+def count_samples(url: str, on_error: str = "raise") -> int:
+    """Count a shard's samples by reading its tar headers only. Under ``on_error="skip"`` a
+    damaged shard counts the samples before the damage, with a warning naming it."""
     from framework.data.tar import TarFormatError, iter_members, split_name
 
     count, key = 0, None
@@ -195,11 +208,14 @@ def count_samples(url: str) -> int:
                 if member_key != key:
                     count, key = count + 1, member_key
     except (TarFormatError, OSError) as exc:
-        raise DataError(f"cannot count the samples of shard {url}: {exc}") from exc
+        if on_error == "raise":
+            raise DataError(f"cannot count the samples of shard {url}: {exc}") from exc
+        log.warning("shard %s is damaged after %d samples (%s): counting those", url, max(count - 1, 0), exc)
+        return max(count - 1, 0)  # the last one may be cut short
     return count
 
 
-def with_counts(shards: List[Shard]) -> List[Shard]:
+def with_counts(shards: List[Shard], on_error: str = "raise") -> List[Shard]:
     """Shards with their sample counts, counting (headers only) where no manifest gave them."""
     missing = [s for s in shards if s.samples is None]
     if not missing:
@@ -210,4 +226,4 @@ def with_counts(shards: List[Shard]) -> List[Shard]:
             f"epoch mode needs sample counts, and remote shards without a manifest have none (e.g. {remote[0]}); "
             "write a manifest.json beside them or use data.mode=resampled"
         )
-    return [s if s.samples is not None else replace(s, samples=count_samples(s.url)) for s in shards]
+    return [s if s.samples is not None else replace(s, samples=count_samples(s.url, on_error)) for s in shards]

@@ -27,12 +27,16 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from framework.data.plan import EpochPlan, Segment, Sources, epoch_plan, plan_from_sequence, resampled_draw
+from framework.data.cache import ShardCache
 from framework.data.sources import Shard, open_shard
 from framework.data.tar import Sample, TarFormatError, iter_samples, skip_samples
 from framework.errors import DataError, SampleError
 
 log = logging.getLogger(__name__)
-COUNTERS = ("read_samples", "skipped_samples", "skipped_shards", "repeated_samples")
+# read: samples read; skipped_*: faults under on_error=skip; repeated: handed out again to
+# keep batches equal after faults; policy_dropped / policy_repeated: what data.remainder
+# left out or padded in each epoch (counted once, by rank 0's first worker).
+COUNTERS = ("read_samples", "skipped_samples", "skipped_shards", "repeated_samples", "policy_dropped", "policy_repeated")
 _POSITION_KEYS = ("epoch", "draw", "segment", "consumed", "offset", "yielded")
 
 
@@ -82,6 +86,7 @@ class ShardStream(IterableDataset):
         on_error: str = "skip",
         sources: Optional[Sources] = None,
         length: Optional[int] = None,
+        cache: Optional[ShardCache] = None,
     ) -> None:
         if not shards:
             raise DataError("no shards to stream")
@@ -98,6 +103,7 @@ class ShardStream(IterableDataset):
         self.remainder = remainder if processor.one_to_one else "none"
         self.shuffle_buffer, self.on_error, self.length = shuffle_buffer, on_error, length
         self.sources = sources or Sources(((0, len(shards)),), (1.0,))
+        self.cache = cache
         self.elastic: Optional[Dict[str, Any]] = None  # set by the loader on a resume at another world size
         self._state: Dict[str, Any] = dict.fromkeys(_POSITION_KEYS, 0)
         self._counters: Dict[str, int] = dict.fromkeys(COUNTERS, 0)
@@ -163,7 +169,7 @@ class ShardStream(IterableDataset):
         self._pending = deque(_from_checkpointable(x) for x in state["pending"])
         self.processor.load_state_dict(state["processor"])
         self._rng.setstate(state["rng"])
-        self._buffer = [self._reread(tuple(locator)) for locator in state["buffer"]]
+        self._buffer = self._reread_all([tuple(locator) for locator in state["buffer"]])
 
     # -- iteration --------------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:
@@ -195,7 +201,11 @@ class ShardStream(IterableDataset):
 
     def _epoch(self, worker: int) -> Iterator[Any]:
         state = self._state
-        reader = self.plan(state["epoch"], self._num_workers).reader(self.rank, worker)
+        plan = self.plan(state["epoch"], self._num_workers)
+        reader = plan.reader(self.rank, worker)
+        if self.rank == 0 and worker == 0 and state["segment"] == 0 and state["consumed"] == 0:
+            self._counters["policy_dropped"] += plan.dropped
+            self._counters["policy_repeated"] += plan.repeated
         quota = reader.samples if self.processor.one_to_one and self.remainder != "none" else None
         while state["segment"] < len(reader.segments):
             yield from self._read_segment(reader.segments[state["segment"]])
@@ -223,7 +233,7 @@ class ShardStream(IterableDataset):
         url = self.shards[segment.shard].url
         bounded = segment.stop < (1 << 62)  # resampled draws of shards without counts are not
         try:
-            with open_shard(url, state["offset"]) as stream:
+            with open_shard(url, state["offset"], self.cache) as stream:
                 offset = state["offset"]
                 if state["consumed"] == 0 and segment.start > 0:
                     offset = skip_samples(stream, segment.start, offset)  # headers only, no data read
@@ -284,9 +294,27 @@ class ShardStream(IterableDataset):
         self._state["yielded"] += 1
         yield items[0]
 
+    def _reread_all(self, locators: List[Locator]) -> List[Tuple[Locator, str, Sample]]:
+        """Re-read buffered samples: one open per shard, in offset order, any buffer order kept."""
+        found: Dict[Locator, Tuple[Locator, str, Sample]] = {}
+        by_shard: Dict[int, List[Locator]] = {}
+        for locator in locators:
+            by_shard.setdefault(locator[0], []).append(locator)
+        for shard, wanted in by_shard.items():
+            try:
+                with open_shard(self.shards[shard].url, 0, self.cache) as stream:
+                    for locator in sorted(wanted, key=lambda l: l[2]):
+                        stream.seek(locator[2])
+                        key, sample, _ = next(iter_samples(stream, locator[2]))
+                        found[locator] = (locator, key, sample)
+            except (OSError, ValueError):  # a stream that cannot seek: open at each offset
+                for locator in wanted:
+                    found[locator] = self._reread(locator)
+        return [found[locator] for locator in locators]
+
     def _reread(self, locator: Locator) -> Tuple[Locator, str, Sample]:
         shard, _, offset = locator
-        with open_shard(self.shards[shard].url, offset) as stream:
+        with open_shard(self.shards[shard].url, offset, self.cache) as stream:
             key, sample, _ = next(iter_samples(stream, offset))
         return locator, key, sample
 

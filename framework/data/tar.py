@@ -76,7 +76,11 @@ def iter_members(stream: BinaryIO, offset: int = 0, read_data: bool = True) -> I
         typeflag = header[156:157]
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
         if read_data or typeflag in (b"L", b"x"):
-            data = _read_exact(stream, padded, offset + BLOCK)[:size] if padded else b""
+            # Read exactly the member (one copy), then drop the padding: slicing a padded
+            # read would copy every large member a second time.
+            data = _read_exact(stream, size, offset + BLOCK) if size else b""
+            if padded > size:
+                _read_exact(stream, padded - size, offset + BLOCK + size)
         else:
             _skip(stream, padded, offset + BLOCK)
             data = b""

@@ -77,10 +77,14 @@ class TextDataModule(LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+    def processor(self) -> TokenPacker:
+        """How a sample becomes items (``data inspect --verify`` decodes with it too)."""
+        return TokenPacker(self.data.tokenizer, self.block_len)
+
     def train_dataloader(self):
         rank, world = self._rank_world()
         return train_loader(
-            self.train_shards, TokenPacker(self.data.tokenizer, self.block_len), self.data,
+            self.train_shards, self.processor(), self.data,
             seed=self.seed, rank=rank, world_size=world, sources=self.sources,
         )
 
@@ -89,6 +93,6 @@ class TextDataModule(LightningDataModule):
             return []
         rank, world = self._rank_world()
         return val_loader(
-            self.val_shards, TokenPacker(self.data.tokenizer, self.block_len), self.data,
+            self.val_shards, self.processor(), self.data,
             seed=self.seed, rank=rank, world_size=world,
         )

@@ -151,7 +151,7 @@ def test_resumed_text_loader_continues_exactly(text_corpus):
 def test_resume_seeks_instead_of_rereading(uneven_shards, monkeypatch):
     opened = []
     real_open = stream_module.open_shard
-    monkeypatch.setattr(stream_module, "open_shard", lambda url, offset=0: opened.append(offset) or real_open(url, offset))
+    monkeypatch.setattr(stream_module, "open_shard", lambda url, offset=0, cache=None: opened.append(offset) or real_open(url, offset))
     stream = stream_of(uneven_shards, shuffle_buffer=0)
     items = stream.reader_items(0, 1)
     for _ in range(50):
@@ -335,3 +335,33 @@ def test_shard_spec_errors(tmp_path):
         resolve_shards("", "data.val")
     with pytest.raises(DataError, match="matches no shard"):
         resolve_shards(str(tmp_path / "x-*.tar"))
+
+
+def test_remote_shards_are_cached_with_a_size_limit(uneven_shards, tmp_path):
+    from framework.data.cache import ShardCache
+
+    directory = uneven_shards[0].url.rsplit("/", 1)[0]
+    requests = []
+
+    class CountingHandler(RangeHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            return super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(CountingHandler, directory=directory))
+    server.ranges = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        remote = [Shard(f"http://127.0.0.1:{port}/{s.url.rsplit('/', 1)[1]}", s.samples) for s in uneven_shards]
+        cache = ShardCache(tmp_path / "cache", limit_bytes=10**9)
+        first = list(stream_of(remote, cache=cache, shuffle_buffer=0).reader_items(0, 1))
+        assert len(list((tmp_path / "cache").glob("*.tar"))) == 7 and not list((tmp_path / "cache").glob("*.tmp"))
+        requests.clear()
+        assert list(stream_of(remote, cache=cache, shuffle_buffer=0).reader_items(0, 1)) == first
+        assert requests == [], "the second pass reads the local copies"
+        small = ShardCache(tmp_path / "small", limit_bytes=3 * 12 * 1024)
+        list(stream_of(remote, cache=small, shuffle_buffer=0).reader_items(0, 1))
+        assert sum(p.stat().st_size for p in (tmp_path / "small").iterdir()) <= 3 * 12 * 1024
+    finally:
+        server.shutdown()

@@ -1,0 +1,43 @@
+"""`pretrain data inspect`: the plan as training would read it, and --verify's reports."""
+from __future__ import annotations
+
+import os
+
+from conftest import KeyProcessor, write_shards
+from framework.data.inspect import inspect_data
+
+
+def test_plan_summary_for_seven_uneven_shards(tmp_path):
+    write_shards(tmp_path, [13, 2, 31, 7, 19, 5, 11])
+    lines = []
+    summary = inspect_data(str(tmp_path), seed=0, batch_size=4, remainder="drop", world_size=4, num_workers=3, report=lines.append)
+    assert summary["batches_per_rank"] == [5, 5, 5, 5] and summary["dropped"] == 88 - 80
+    assert summary["duplicates"] == 0 and summary["missing"] == 0
+    assert lines[-1].startswith("samples=88 planned=80 unique=80 duplicates=0 missing=0 dropped=8")
+    assert any("rank 3:" in line and "worker 2:" in line for line in lines)
+
+
+def test_verify_names_bad_samples_and_shards(tmp_path):
+    shards = write_shards(tmp_path, [6, 6, 6])
+    data = open(shards[1].url, "rb").read()
+    open(shards[1].url, "wb").write(data[:1500])  # truncated
+    lines = []
+    summary = inspect_data(
+        str(tmp_path), seed=0, batch_size=2, remainder="pad", world_size=2, num_workers=1,
+        processor=KeyProcessor({"s002x00003"}), verify=True, report=lines.append,
+    )
+    assert summary["bad"] == 2
+    assert any(line.startswith("bad sample:") and "s002x00003" in line for line in lines)
+    assert any(line.startswith("bad shard:") and "s-000001.tar" in line for line in lines)
+
+
+def test_cli_exit_status_and_last_line(tmp_path, text_corpus, capsys):
+    import pytest
+
+    from framework.cli import main
+
+    config = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "experiments", "gpt-tiny.yaml")
+    main(["data", "inspect", "--config", config, f"data.train={text_corpus['train']}", f"data.tokenizer={text_corpus['tokenizer']}",
+          "--world-size", "2", "--workers", "2", "--verify"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "duplicates=0 missing=0" in last and "bad=0" in last
