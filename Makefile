@@ -7,7 +7,14 @@ STAMP := $(VENV)/.installed
 # On a GPU machine: make TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128' install
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo demo-bert test clean
+.PHONY: install system-deps demo demo-bert test clean
+
+# Debian packages the tests use (espeak-ng speaks real audio for the audio writer's test; the
+# Slurm tests install their own packages through slurm/local-cluster.sh). Only as root with
+# apt; elsewhere those tests skip and say why.
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v espeak-ng >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; fi
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +28,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/pretrain demo
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
 
 clean:
