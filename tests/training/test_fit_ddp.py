@@ -45,6 +45,8 @@ def test_ddp_fit_checkpoints_resumes_and_logs(text_corpus, tmp_path):
     first = rows(run_dir)
     assert [r["step"] for r in first if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
     assert all(r["val/ppl"] > 1 for r in first if "val/ppl" in r) and any("val/ppl" in r for r in first)
+    counted = [r for r in first if "data/read_samples" in r]
+    assert counted and counted[-1]["data/read_samples"] > 0 and counted[-1]["data/skipped_samples"] == 0
     checkpoint = torch.load(run_dir / "checkpoints/step-00000006.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 6
     assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"], "the data loader state is in the checkpoint"
@@ -107,3 +109,13 @@ def test_epochs_over_tiny_uneven_shards_finish_without_hanging(text_corpus, tmp_
     assert loader["world_size"] == 2 and len(loader["ranks"]) == 2
     epochs = [w["dataset_state"]["epoch"] for rank in loader["ranks"] for w in rank["_snapshot"]["_worker_snapshots"].values()]
     assert min(epochs) >= 2, f"the stream went through several epochs: {epochs}"
+
+
+@pytest.mark.timeout(300)
+def test_resume_on_another_world_size_continues(text_corpus, tmp_path):
+    """2 ranks for 4 steps, then 1 rank to 6: the data position is re-planned (elastic)."""
+    run_dir = tmp_path / "elastic"
+    run_fit(text_corpus, run_dir, "trainer.max_steps=4", "logging.wandb=disabled", "data.num_workers=2")
+    output = run_fit(text_corpus, run_dir, "trainer.max_steps=6", "trainer.devices=1", "logging.wandb=disabled")
+    assert "resuming the data position with 1 rank(s) x 1 worker(s) instead of 2 x 2" in output
+    assert [r["step"] for r in rows(run_dir) if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
