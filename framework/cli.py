@@ -251,6 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.train=shards/")
     inspect.set_defaults(func=_cmd_data_inspect)
 
+    launch = sub.add_parser("launch", help="start `fit` on many processes: torchrun (one box or several) or Slurm")
+    how = launch.add_subparsers(dest="launcher", required=True)
+    from launchers import slurm as slurm_launcher, torchrun as torchrun_launcher
+
+    torchrun_launcher.add_arguments(how.add_parser("torchrun", help="run fit under torchrun (standalone or c10d multi-node)"))
+    slurm_launcher.add_arguments(how.add_parser("slurm", help="render an sbatch script into the run directory and submit it"))
+
     demo = sub.add_parser("demo", help="the built-in demo: GPT on the Python standard library's source")
     demo.add_argument("--steps", type=int, default=600)
     demo.add_argument("--devices", type=int, default=2)
