@@ -156,6 +156,8 @@ def _schema_for(sources: list[Source], where: str) -> DictConfig:
     cfg.objective = OmegaConf.structured(module.Config)
     cfg.model = OmegaConf.structured(model_config_class(model))
     OmegaConf.set_struct(cfg, True)  # unknown keys fail instead of being added
+    # ...except in free-form pass-through mappings, which their readers validate themselves.
+    OmegaConf.set_struct(cfg.trainer.deepspeed.extra, False)  # framework/distributed/deepspeed.py
     return cfg
 
 

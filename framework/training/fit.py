@@ -1,40 +1,36 @@
 """Build the Lightning Trainer from the config and run ``fit``, resuming when asked."""
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from lightning.pytorch import Callback, Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from framework.config.load import config_to_dict, save_config
 from framework.config.schema import RunConfig
+from framework.distributed import PRECISIONS, STRATEGIES, build_strategy, check_strategy  # noqa: F401 (re-exported)
+from framework.distributed import describe_strategy, is_sharded, on_cpu, prepare_blocks, strategy_name, world_size
 from framework.errors import ConfigError
 from framework.objectives import objective_module
+from framework.training.callbacks.data_counters import DataCounters
+from framework.training.callbacks.preemption import Preemption
 from framework.training.callbacks.progress import ProgressDisplay
 from framework.training.callbacks.throughput import Throughput
+from framework.training.environment import check_launch_environment
 from framework.training.loggers import JsonlLogger, drop_rows_after, make_wandb_logger
+from framework.training.checkpoint import (  # noqa: F401 (checkpoint_step, newest_checkpoint: re-exported)
+    CHECKPOINT_DIR,
+    Checkpointing,
+    check_resume,
+    checkpoint_step,
+    newest_checkpoint,
+    remove_stale_temporaries,
+)
+from framework.training.optim import check_optim, resolve_lr
 
-CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
-STRATEGIES = ("auto", "ddp")
-PRECISIONS = ("32", "32-true", "bf16-mixed", "bf16-true", "16-mixed")
-_STEP = re.compile(r"step-(\d+)\.ckpt$")
-
-
-def checkpoint_step(path: Path) -> int:
-    match = _STEP.search(path.name)
-    if not match:
-        raise ConfigError(f"cannot tell the step of checkpoint {path} (expected a name like step-00000100.ckpt)")
-    return int(match.group(1))
-
-
-def newest_checkpoint(run_dir: Path) -> Optional[Path]:
-    candidates = [p for p in (run_dir / CHECKPOINT_DIR).glob("step-*.ckpt") if _STEP.search(p.name)]
-    return max(candidates, key=checkpoint_step, default=None)
 
 
 def resume_checkpoint(cfg: RunConfig) -> Optional[Path]:
@@ -51,43 +47,50 @@ def resume_checkpoint(cfg: RunConfig) -> Optional[Path]:
             )
         return None
     path = Path(cfg.run.resume)
-    if not path.is_file():
+    if not path.exists():  # a file (ddp) or a directory of shards (fsdp, deepspeed)
         raise ConfigError(f"run.resume: checkpoint not found: {path}")
     return path
 
 
+def run_info(cfg: RunConfig) -> dict:
+    """What a checkpoint records about the setup that wrote it (see checkpoint.check_resume)."""
+    t = cfg.trainer
+    name = strategy_name(t)
+    return {
+        "strategy": name,
+        "world_size": world_size(t),
+        "deepspeed_stage": t.deepspeed.stage if name == "deepspeed" else None,
+    }
+
+
 def check_trainer(cfg: RunConfig) -> None:
     t = cfg.trainer
-    if t.strategy not in STRATEGIES:
-        raise ConfigError(f"trainer.strategy: unknown strategy {t.strategy!r} (known: {', '.join(STRATEGIES)})")
-    if t.precision not in PRECISIONS:
-        raise ConfigError(f"trainer.precision: unknown precision {t.precision!r} (known: {', '.join(PRECISIONS)})")
+    check_strategy(cfg)  # strategy, its sub-section, precision and memory options
+    check_optim(cfg.optim)
     for key in ("max_steps", "devices", "num_nodes", "accumulate_grad_batches", "val_every_steps", "checkpoint_every_steps", "log_every_steps"):
         if getattr(t, key) < 1:
             raise ConfigError(f"trainer.{key} must be at least 1, not {getattr(t, key)}")
+    if t.keep_last_checkpoints < 1 and t.keep_last_checkpoints != -1:
+        raise ConfigError(f"trainer.keep_last_checkpoints must be >= 1 or -1 (keep all), not {t.keep_last_checkpoints}")
+    if cfg.run.init_from is not None and not Path(cfg.run.init_from).is_file():
+        raise ConfigError(f"run.init_from: weights file not found: {cfg.run.init_from}")
     if cfg.data.batch_size < 1 or cfg.data.num_workers < 0:
         raise ConfigError("data.batch_size must be >= 1 and data.num_workers >= 0")
 
 
 def build_trainer(cfg: RunConfig, extra_callbacks: List[Callback] = ()) -> Trainer:
     t, run_dir = cfg.trainer, Path(cfg.run.dir)
-    strategy = t.strategy
-    if strategy == "auto" and t.devices * t.num_nodes > 1:
-        strategy = "ddp"  # Lightning would pick ddp_spawn on CPU, which re-imports everything per rank
-    checkpoints = ModelCheckpoint(
-        dirpath=run_dir / CHECKPOINT_DIR,
-        filename="step-{step:08d}",
-        auto_insert_metric_name=False,
-        every_n_train_steps=t.checkpoint_every_steps,
-        save_top_k=t.keep_last_checkpoints,
-        monitor="step",
-        mode="max",
+    # auto with several devices is ddp: Lightning would pick ddp_spawn on CPU, which re-imports everything per rank
+    strategy = build_strategy(cfg)
+    checkpoints = Checkpointing(
+        run_dir, t.checkpoint_every_steps, t.keep_last_checkpoints, run_info(cfg), sharded=is_sharded(strategy)
     )
     loggers = [JsonlLogger(run_dir / METRICS_FILE)]
     wandb = make_wandb_logger(cfg.logging, run_dir, config_to_dict(cfg))
     if wandb is not None:
         loggers.append(wandb)
-    callbacks: List[Callback] = [checkpoints, Throughput(), *extra_callbacks]
+    callbacks: List[Callback] = [checkpoints, Throughput(peak_flops=t.peak_flops), DataCounters(), *extra_callbacks]
+    callbacks.append(Preemption(run_dir))  # SIGUSR1/SIGTERM: checkpoint at the next step, requeue under Slurm
     if cfg.logging.progress:
         callbacks.append(ProgressDisplay(every=max(t.log_every_steps, 1)))
     return Trainer(
@@ -110,6 +113,7 @@ def build_trainer(cfg: RunConfig, extra_callbacks: List[Callback] = ()) -> Train
         default_root_dir=run_dir,
         enable_progress_bar=False,
         enable_model_summary=False,
+        enable_checkpointing=False,  # Checkpointing above replaces Lightning's ModelCheckpoint
         use_distributed_sampler=False,
     )
 
@@ -127,23 +131,40 @@ def _quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
-def fit(cfg: RunConfig) -> Path:
+def fit(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> Path:
     """Train as configured; returns the run directory. User errors surface before any
     process group starts: the data, tokenizer and options are checked while building."""
     _quiet_known_warnings()
     check_trainer(cfg)
+    check_launch_environment(cfg)  # WORLD_SIZE (torchrun) / SLURM_NTASKS (srun) against devices x nodes
     run_dir = Path(cfg.run.dir)
     ckpt = resume_checkpoint(cfg)
+    if ckpt is not None:
+        check_resume(ckpt, run_info(cfg))
+    if rank_zero_only.rank == 0:
+        remove_stale_temporaries(run_dir)  # saves that crashed before their rename
+    built_cfg, batch_line = resolve_lr(cfg)  # the objective sees the learning rate actually used
     seed_everything(cfg.run.seed, workers=True, verbose=False)
-    module, datamodule = objective_module(cfg.objective.name).build(cfg)
-    trainer = build_trainer(cfg)
+    module, datamodule = objective_module(cfg.objective.name).build(built_cfg)
+    if cfg.run.init_from:
+        from framework.training.consolidate import load_weights
+
+        load_weights(module, cfg.run.init_from)
+    done = prepare_blocks(module, cfg.trainer.activation_checkpointing, cfg.trainer.compile)
+    trainer = build_trainer(cfg, extra_callbacks)
     if rank_zero_only.rank == 0:
         save_config(cfg, run_dir / "config.yaml")
         if ckpt is not None:
             drop_rows_after(run_dir / METRICS_FILE, checkpoint_step(ckpt))
     rank_zero_info(f"run directory: {run_dir.resolve()}" + (f"  (resuming from {ckpt.name})" if ckpt else ""))
+    rank_zero_info(
+        f"strategy {strategy_name(cfg.trainer)} ({describe_strategy(trainer.strategy)}) on "
+        f"{world_size(cfg.trainer)} {'CPU processes' if on_cpu(cfg.trainer) else 'devices'}, "
+        f"precision {cfg.trainer.precision}; {batch_line}"
+        + (f"; {cfg.optim.name}" if cfg.optim.name != "adamw" else "")
+        + "".join(f"; {d}" for d in done)
+        + (f"; weights from {cfg.run.init_from}" if cfg.run.init_from else "")
+    )
+    # Checkpointing saves the end state too (every rank takes part), so it is always resumable.
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
-    final = run_dir / CHECKPOINT_DIR / f"step-{trainer.global_step:08d}.ckpt"
-    if not final.exists():
-        trainer.save_checkpoint(final)  # every rank takes part; the end state is always resumable
     return run_dir
