@@ -37,7 +37,8 @@ def test_cli_exit_status_and_last_line(tmp_path, text_corpus, capsys):
     from framework.cli import main
 
     config = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "experiments", "gpt-tiny.yaml")
-    main(["data", "inspect", "--config", config, f"data.train={text_corpus['train']}", f"data.tokenizer={text_corpus['tokenizer']}",
+    main(["data", "inspect", "--config", config, f"data.train={text_corpus['train']}", f"data.val={text_corpus['val']}",
+          f"data.tokenizer={text_corpus['tokenizer']}",
           "--world-size", "2", "--workers", "2", "--verify"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert "duplicates=0 missing=0" in last and "bad=0" in last
