@@ -49,10 +49,13 @@ def _walk(directory: Path, root: Path, include: list[str] | None) -> Iterator[tu
     seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(directory, onerror=on_error, followlinks=True):
         seen.add(os.path.realpath(dirpath))
-        # Prune in place: sorted for determinism, and symlink cycles are walked once only.
-        dirnames[:] = sorted(d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in seen)
+        # Prune in place: sorted for determinism, symlink cycles walked once only, and hidden
+        # folders and files (.git, a writer's .writer-state) left out, as git and grep tools do.
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) not in seen
+        )
         for name in sorted(filenames):
-            if not _matches(name, include):
+            if name.startswith(".") or not _matches(name, include):
                 continue
             path = Path(dirpath, name)
             if not path.is_file():
