@@ -28,6 +28,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/pretrain demo
 
+# Vision: SimCLR on scikit-learn's digits (2 CPU processes), then a linear probe with 10% of the labels
+# against raw pixels and a random-init backbone. All six methods: .venv/bin/python bench/digits.py
+.PHONY: demo-vision
+demo-vision: $(STAMP)
+	$(BIN)/python bench/digits.py --methods simclr
+
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
 

@@ -9,6 +9,8 @@ import importlib
 
 MODELS = {
     "transformer": ("framework.models.transformer", "TransformerConfig"),
+    "vit": ("framework.models.vit", "ViTConfig"),
+    "resnet": ("framework.models.resnet", "ResNetConfig"),
 }
 
 

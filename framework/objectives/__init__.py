@@ -11,6 +11,12 @@ from types import ModuleType
 OBJECTIVES = {
     "clm": "framework.objectives.clm",
     "mlm": "framework.objectives.mlm",
+    "simclr": "framework.objectives.simclr",
+    "moco_v3": "framework.objectives.moco_v3",
+    "byol": "framework.objectives.byol",
+    "dino": "framework.objectives.dino",
+    "mae": "framework.objectives.mae",
+    "beit": "framework.objectives.beit",
 }
 
 

@@ -1,0 +1,175 @@
+"""Image samples -> uint8 arrays (C, H, W) of one size, plus the label for evaluation.
+
+Decoding (PNG/JPEG with Pillow; never pickle) and resizing happen in the loader workers;
+augmentation happens batched on the training device (``framework.augment``). Training
+items are the image only: labels never reach a pretext loss. Validation items also carry
+the label (from the sample's ``cls`` member, -1 when absent) and a stable id of the sample
+key, which the online probes use to split the validation set the same way on any number of ranks.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+
+from framework.config.schema import DataConfig
+from framework.data.loader import check_data_config, train_loader, val_loader
+from framework.data.manifest import read_manifest
+from framework.data.plan import Sources
+from framework.data.sources import Shard, is_remote, open_shard, resolve_shards, resolve_sources
+from framework.data.tar import Sample, iter_samples
+from framework.errors import ConfigError, DataError, SampleError
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
+LABEL_EXT = "cls"
+_MODES = {1: "L", 3: "RGB"}
+
+
+def decode_image(data: bytes, channels: int, size: int) -> np.ndarray:
+    """Encoded image bytes -> uint8 (channels, size, size). A non-square image is resized so its
+    short side is ``size`` and centre-cropped (random crops then happen on the device)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert(_MODES[channels])
+        if img.size != (size, size):
+            w, h = img.size
+            scale = size / min(w, h)
+            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            img = img.resize((nw, nh), Image.BICUBIC)
+            left, top = (nw - size) // 2, (nh - size) // 2
+            img = img.crop((left, top, left + size, top + size))
+        array = np.asarray(img, dtype=np.uint8)
+    return array[None] if channels == 1 else array.transpose(2, 0, 1).copy()
+
+
+def image_member(sample: Sample) -> Optional[bytes]:
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return sample[ext]
+    return None
+
+
+def key_id(key: str) -> int:
+    """A stable 62-bit id of a sample key (the same in every process and run)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 2
+
+
+class ImageDecoder:
+    """The loader's processor: one sample -> [uint8 image] (train) or [(image, label, key id)] (eval)."""
+
+    one_to_one = True  # one item per sample: the stream can replace an undecodable one and keep counts equal
+
+    def __init__(self, size: int, channels: int, with_labels: bool = False) -> None:
+        if channels not in _MODES:
+            raise ConfigError(f"data.channels must be 1 or 3, got {channels}")
+        if size < 1:
+            raise ConfigError(f"data.image_size must be >= 1, got {size}")
+        self.size, self.channels, self.with_labels = size, channels, with_labels
+
+    def __call__(self, key: str, sample: Sample, shard: str) -> List[Any]:
+        data = image_member(sample)
+        if data is None:
+            raise SampleError(f"no image member (.{', .'.join(IMAGE_EXTS)}) in {sorted(sample)}")
+        try:
+            image = decode_image(data, self.channels, self.size)
+            label = int(sample[LABEL_EXT].decode("ascii").strip()) if LABEL_EXT in sample else -1
+        except Exception as exc:  # Pillow raises many types for corrupt files; the stream's on_error decides
+            raise SampleError(f"cannot decode image: {exc}") from None
+        if not self.with_labels:
+            return [image]
+        return [(image, label, key_id(key))]
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}  # stateless: nothing carries from one sample to the next
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+
+def collate_labelled(items: List[Any]) -> Dict[str, torch.Tensor]:
+    images, labels, ids = zip(*items)
+    return {
+        "image": torch.from_numpy(np.stack(images)),
+        "label": torch.tensor(labels, dtype=torch.long),
+        "id": torch.tensor(ids, dtype=torch.long),
+    }
+
+
+def image_facts(shards: List[Shard], key: str = "data.train") -> tuple[int, int]:
+    """(image side, channels) of a shard set: from the manifest the image writer leaves, else
+    from the first image. Used when ``data.image_size`` / ``data.channels`` are 0."""
+    directory = Path(shards[0].url).parent if shards and not is_remote(shards[0].url) else None
+    manifest = read_manifest(directory) if directory is not None and directory.is_dir() else None
+    if manifest and manifest.get("image_size") and manifest.get("channels"):
+        return int(manifest["image_size"]), int(manifest["channels"])
+    from PIL import Image
+
+    for shard in shards[:1]:
+        with open_shard(shard.url) as stream:
+            for sample_key, sample, _ in iter_samples(stream, 0):
+                data = image_member(sample)
+                if data is None:
+                    continue
+                try:
+                    with Image.open(io.BytesIO(data)) as img:
+                        w, h = img.size
+                        channels = 1 if img.mode in ("1", "L", "I", "I;16", "F") else 3
+                except Exception as exc:
+                    raise DataError(f"{key}: cannot decode image {sample_key} in {shard.url}: {exc}") from exc
+                return min(w, h), channels
+    raise DataError(f"{key}: found no image sample (.png/.jpg) in {shards[0].url if shards else 'no shards'}; "
+                    "set data.image_size and data.channels, or check the shards")
+
+
+class ImageDataModule(LightningDataModule):
+    """Train: an endless stream of uint8 image batches (no labels); val: one labelled pass."""
+
+    def __init__(self, data: DataConfig, seed: int, train_batches: int) -> None:
+        super().__init__()
+        if data.image_size < 1 or data.channels not in (1, 3):
+            raise ConfigError("ImageDataModule needs data.image_size and data.channels resolved (see resolve_image_facts)")
+        self.data, self.seed, self.train_batches = data, seed, train_batches
+        self.train_shards, ranges, weights = resolve_sources(data.train, "data.train")
+        self.sources = Sources(tuple(ranges), tuple(weights))
+        check_data_config(data, len(ranges))
+        self.val_shards = resolve_shards(data.val, "data.val") if data.val else []
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self):
+        rank, world = self._rank_world()
+        return train_loader(
+            self.train_shards, ImageDecoder(self.data.image_size, self.data.channels), self.data,
+            seed=self.seed, rank=rank, world_size=world, sources=self.sources,
+        )
+
+    def val_dataloader(self):
+        if not self.val_shards:
+            return []
+        rank, world = self._rank_world()
+        return val_loader(
+            self.val_shards, ImageDecoder(self.data.image_size, self.data.channels, with_labels=True), self.data,
+            seed=self.seed, rank=rank, world_size=world, collate_fn=collate_labelled,
+        )
+
+
+def resolve_image_facts(data: DataConfig) -> None:
+    """Fill ``data.image_size`` / ``data.channels`` when 0 (in place), so the run's saved config,
+    and every checkpoint, records the values the model was built for."""
+    if data.channels not in (0, 1, 3):
+        raise ConfigError(f"data.channels must be 1 or 3 (or 0 to read it from the shards), got {data.channels}")
+    if data.image_size < 0:
+        raise ConfigError(f"data.image_size must be >= 1 (or 0 to read it from the shards), got {data.image_size}")
+    if data.image_size and data.channels:
+        return
+    size, channels = image_facts(resolve_shards(data.train, "data.train"))
+    data.image_size = data.image_size or size
+    data.channels = data.channels or channels

@@ -1,0 +1,143 @@
+"""BEiT-style masked image modelling: predict the visual tokens of masked patches.
+
+Bao, Dong, Piao, Wei, "BEiT: BERT Pre-Training of Image Transformers", ICLR 2022
+(https://arxiv.org/abs/2106.08254).
+
+An image tokenizer turns every patch into a discrete visual token. About 40% of the
+patches are hidden with BEiT's blockwise masking (Algorithm 1); their patch embeddings are
+replaced by a learned [MASK] embedding, positions are added, and the whole sequence goes
+through the ViT. A linear head over the final hidden state of each masked position predicts
+its visual token (softmax over the codebook); the loss is the cross-entropy on masked
+positions only (Eq. 1).
+
+The tokenizer (``framework.modules.codebook.PatchCodebook``): BEiT uses DALL-E's dVAE,
+trained beforehand on 250M images and frozen. Here it is a k-means codebook of
+``codebook_size`` codes over per-patch-normalised pixels of the *tokenizer's* patches,
+fitted once on the first training batch of all ranks and then frozen (saved in checkpoints).
+It plays the same role - a fixed, pretrained-then-frozen discretisation of patches - without
+downloading weights; it is coarser than a dVAE, so the targets carry less semantics.
+
+Deviations: the tokenizer (above); AdamW + warmup/cosine from ``optim.*``; no layer-scale or
+relative position bias (fixed 2-D sine-cosine positions of the shared ViT); features pool
+patch tokens (``model.pool``), as BEiT's linear probe averages them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule
+from torch import nn
+from torchmetrics import MeanMetric
+
+from framework.augment import ViewAugment, ViewConfig, to_float_images
+from framework.config.load import config_from_dict, config_to_dict
+from framework.config.schema import ObjectiveConfig, RunConfig
+from framework.errors import ConfigError
+from framework.losses.masked_image import masked_token_loss
+from framework.modules.codebook import PatchCodebook
+from framework.modules.patches import block_masking, patchify
+from framework.objectives.vision_common import (
+    ProbeConfig, batch_rng, build_backbone, check_patch_size, count_flops, image_datamodule, log_val_loss,
+    probe_callbacks, require_vit, val_images,
+)
+from framework.training.optim import build_optimizer
+
+default_model = "vit"
+
+
+def beit_view() -> ViewConfig:
+    # BEiT's pretraining augmentation: random resized crop, flip, colour jitter 0.4 (no grayscale/blur).
+    return ViewConfig(scale=[0.08, 1.0], jitter=1.0, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0,
+                      grayscale=0.0, blur=0.0)
+
+
+@dataclass
+class Config(ObjectiveConfig):
+    name: str = "beit"
+    mask_ratio: float = 0.4  # 75 of 196 patches in the paper
+    min_mask_patches: int = 4  # smallest masked block (the paper: 16 at 14x14 patches)
+    codebook_size: int = 8192  # visual vocabulary (the dVAE's size); the k-means tokenizer's code count
+    tokenizer_iterations: int = 20  # k-means iterations
+    view: ViewConfig = field(default_factory=beit_view)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+
+class Objective(LightningModule):
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        self.save_hyperparameters()  # the resolved run config travels with every checkpoint
+        self.cfg: RunConfig = config_from_dict(config)
+        require_vit(self.cfg)
+        o, data = self.cfg.objective, self.cfg.data
+        if not 0.0 < o.mask_ratio < 1.0:
+            raise ConfigError(f"objective.mask_ratio must be in (0, 1), got {o.mask_ratio}")
+        if o.codebook_size < 2:
+            raise ConfigError(f"objective.codebook_size must be >= 2, got {o.codebook_size}")
+        check_patch_size(o.view.size or data.image_size, self.cfg, "objective.view.size")
+        self.backbone = build_backbone(self.cfg)
+        p = self.cfg.model.patch_size
+        self.tokenizer = PatchCodebook(o.codebook_size, p * p * data.channels)
+        self.mask_embedding = nn.Parameter(torch.zeros(1, 1, self.backbone.feature_dim))
+        nn.init.trunc_normal_(self.mask_embedding, std=0.02)
+        self.head = nn.Linear(self.backbone.feature_dim, o.codebook_size)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        self.augment = ViewAugment(o.view, data.channels, data.image_size, "objective.view")
+        self.val_loss = MeanMetric()
+
+    def views(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [self.augment(images)]
+
+    def mask(self, batch: int, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+        o = self.cfg.objective
+        return block_masking(batch, grid, o.mask_ratio, o.min_mask_patches).to(device)
+
+    def loss(self, views: list[torch.Tensor], gather: bool = True) -> torch.Tensor:
+        images, vit = views[0], self.backbone
+        patches = patchify(images, self.cfg.model.patch_size)
+        if not bool(self.tokenizer.fitted):
+            if not (self.training and gather):
+                raise RuntimeError("the BEiT tokenizer is fitted on the first training batch; none was seen yet")
+            self.tokenizer.fit(patches.flatten(0, 1), self.cfg.objective.tokenizer_iterations, self.cfg.run.seed)
+        targets = self.tokenizer.encode(patches)  # (N, L) visual tokens, no gradient
+        grid = vit.grid(images.shape[-2], images.shape[-1])
+        mask = self.mask(images.shape[0], grid, images.device)
+        tokens = vit.embed(images)
+        tokens = torch.where(mask[..., None], self.mask_embedding.to(tokens.dtype), tokens)  # [MASK] replaces the patch
+        hidden = vit.encode(tokens + vit.positions(images.shape[-2], images.shape[-1]))[:, 1:]
+        return masked_token_loss(self.head(hidden), targets, mask)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        with batch_rng(self, batch_idx, "train"):  # crops and masks
+            loss = self.loss(self.views(to_float_images(batch)))
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        with batch_rng(self, batch_idx, "val"):
+            self.val_loss.update(self.loss(self.views(to_float_images(val_images(batch))), gather=False))
+
+    def on_validation_epoch_end(self) -> None:
+        log_val_loss(self, self.val_loss)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
+
+    def export_backbone(self) -> torch.nn.Module:
+        return self.backbone
+
+    def flops_per_sample(self, batch: torch.Tensor) -> float:
+        return count_flops(self, batch)  # without the side effects a training step would have
+
+    def configure_callbacks(self):
+        return probe_callbacks(self, self.cfg.objective.probe)
+
+    def configure_optimizers(self):
+        return build_optimizer(self, self.cfg.optim, self.cfg.trainer.max_steps)
+
+
+def build(cfg: RunConfig) -> tuple[LightningModule, LightningDataModule]:
+    require_vit(cfg)  # before reading any data: only a ViT takes a [MASK] embedding per patch
+    datamodule = image_datamodule(cfg)  # fills data.image_size / data.channels the model needs
+    return Objective(config_to_dict(cfg)), datamodule

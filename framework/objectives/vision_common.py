@@ -1,0 +1,121 @@
+"""Pieces the vision objectives share: backbone from config, image data, seeded steps, probes.
+
+Deliberately not a base class: each objective file reads top to bottom and calls these.
+"""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+from torchmetrics import MeanMetric
+
+from framework.augment import to_float_images
+from framework.config.schema import RunConfig
+from framework.data.images import ImageDataModule, resolve_image_facts
+from framework.errors import ConfigError
+from framework.models.resnet import ResNet, ResNetConfig
+from framework.models.vit import ViT, ViTConfig
+from framework.modules.step_rng import seeded, step_seed
+
+VISION_MODELS = ("vit", "resnet")
+
+
+@dataclass
+class ProbeConfig:
+    """Online evaluation on the labelled validation shards at every validation (trainer.val_every_steps)."""
+
+    linear: bool = True  # stop-gradient linear probe
+    knn: bool = True  # weighted k-nearest-neighbour classifier (DINO's)
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    linear_steps: int = 300  # full-batch optimisation steps of the linear probe
+    linear_lr: float = 0.05
+    train_fraction: float = 0.5  # of the validation samples (by a stable hash of their key) used to fit
+
+
+def build_backbone(cfg: RunConfig) -> nn.Module:
+    """The model section as an image backbone: (N, C, H, W) in [0, 1] -> (N, feature_dim)."""
+    name = cfg.model.name
+    if isinstance(cfg.model, ViTConfig):
+        return ViT(cfg.model, cfg.data.channels)
+    if isinstance(cfg.model, ResNetConfig):
+        return ResNet(cfg.model, cfg.data.channels)
+    raise ConfigError(
+        f"model.name '{name}' is not an image backbone; objective '{cfg.objective.name}' needs one of: "
+        f"{', '.join(VISION_MODELS)}"
+    )
+
+
+def require_vit(cfg: RunConfig) -> None:
+    """Masked image modelling hides patches, which only a patch-token model can take."""
+    if not isinstance(cfg.model, ViTConfig):
+        raise ConfigError(
+            f"objective '{cfg.objective.name}' masks patches and needs model.name=vit, not model.name={cfg.model.name}"
+        )
+
+
+def check_patch_size(size: int, cfg: RunConfig, key: str) -> None:
+    if isinstance(cfg.model, ViTConfig) and size % cfg.model.patch_size:
+        raise ConfigError(f"{key}={size} is not divisible by model.patch_size={cfg.model.patch_size}")
+
+
+def image_datamodule(cfg: RunConfig) -> ImageDataModule:
+    """Resolves ``data.image_size``/``data.channels`` (in place) and builds the DataModule."""
+    resolve_image_facts(cfg.data)
+    check_patch_size(cfg.data.image_size, cfg, "data.image_size")
+    train_batches = cfg.trainer.max_steps * cfg.trainer.accumulate_grad_batches
+    return ImageDataModule(cfg.data, cfg.run.seed, train_batches=train_batches)
+
+
+def batch_rng(module: LightningModule, batch_idx: int, stage: str) -> AbstractContextManager:
+    """Seed augmentations and masks of this batch by (run seed, step, batch, rank, stage).
+
+    Validation uses a fixed seed per batch so val/loss is comparable across evaluations."""
+    step = module.global_step if stage == "train" else 0
+    return seeded(step_seed(module.cfg.run.seed, stage, step, batch_idx, module.global_rank), module.device)
+
+
+def val_images(batch: object) -> torch.Tensor:
+    """The images of a validation batch (labelled dict from the image loader) - never the labels."""
+    return batch["image"] if isinstance(batch, dict) else batch
+
+
+def log_val_loss(module: LightningModule, metric: MeanMetric) -> None:
+    """Mean validation loss over all ranks; every rank calls it once per validation."""
+    loss = metric.compute()
+    metric.reset()
+    if not torch.isnan(loss):
+        module.log("val/loss", loss, rank_zero_only=True)
+
+
+def count_flops(module: LightningModule, batch: torch.Tensor) -> float:
+    """3 x forward FLOPs per sample of one training step (for the throughput callback's MFU),
+    leaving no trace: a training step changes buffers (BatchNorm statistics, DINO's centre,
+    BEiT's codebook) which a stopped-and-resumed run would otherwise count twice. Buffers are
+    restored and the RNG is untouched. Every rank calls it (it may run collectives)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sample = batch[:2]  # two samples: BatchNorm needs more than one value per channel
+    saved = {name: buffer.clone() for name, buffer in module.named_buffers()}
+    devices = [module.device.index or 0] if module.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            counter = FlopCounterMode(display=False)
+            with counter:
+                module.loss(module.views(to_float_images(sample)))
+        return 3.0 * counter.get_total_flops() / sample.shape[0]
+    finally:
+        with torch.no_grad():
+            for name, buffer in module.named_buffers():
+                buffer.copy_(saved[name])
+
+
+def probe_callbacks(module: LightningModule, probe: ProbeConfig) -> list:
+    from framework.evaluate.probes import OnlineProbes
+
+    if not (probe.linear or probe.knn) or not module.cfg.data.val:
+        return []
+    return [OnlineProbes(probe)]
