@@ -5,14 +5,14 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from framework.data.sources import resolve_shards
+from framework.data.sources import resolve_shards, with_counts
 from framework.data.stream import ShardStream
 from framework.data.text import TokenPacker
 
 
 def _blocks(spec: Any, tokenizer: str, block_len: int) -> Iterable[np.ndarray]:
     # The same reader and packer as training, in one process, one pass, no shuffling.
-    return ShardStream(resolve_shards(spec), TokenPacker(tokenizer, block_len), seed=0, infinite=False)
+    return ShardStream(with_counts(resolve_shards(spec)), TokenPacker(tokenizer, block_len), seed=0, endless=False)
 
 
 def unigram_perplexity(train: Any, val: Any, tokenizer: str, block_len: int, vocab_size: int) -> float:
