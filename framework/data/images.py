@@ -130,11 +130,11 @@ def image_facts(shards: List[Shard], key: str = "data.train") -> tuple[int, int]
 class ImageDataModule(LightningDataModule):
     """Train: an endless stream of uint8 image batches (no labels); val: one labelled pass."""
 
-    def __init__(self, data: DataConfig, seed: int, train_batches: int) -> None:
+    def __init__(self, data: DataConfig, seed: int) -> None:
         super().__init__()
         if data.image_size < 1 or data.channels not in (1, 3):
             raise ConfigError("ImageDataModule needs data.image_size and data.channels resolved (see resolve_image_facts)")
-        self.data, self.seed, self.train_batches = data, seed, train_batches
+        self.data, self.seed = data, seed
         self.train_shards, ranges, weights = resolve_sources(data.train, "data.train")
         self.sources = Sources(tuple(ranges), tuple(weights))
         check_data_config(data, len(ranges))

@@ -66,8 +66,7 @@ def image_datamodule(cfg: RunConfig) -> ImageDataModule:
     """Resolves ``data.image_size``/``data.channels`` (in place) and builds the DataModule."""
     resolve_image_facts(cfg.data)
     check_patch_size(cfg.data.image_size, cfg, "data.image_size")
-    train_batches = cfg.trainer.max_steps * cfg.trainer.accumulate_grad_batches
-    return ImageDataModule(cfg.data, cfg.run.seed, train_batches=train_batches)
+    return ImageDataModule(cfg.data, cfg.run.seed)
 
 
 def batch_rng(module: LightningModule, batch_idx: int, stage: str) -> AbstractContextManager:
