@@ -188,8 +188,7 @@ class ShardStream(IterableDataset):
             if self.elastic is not None:
                 self._state["epoch"] = self.elastic["epoch"]
         self._started = True
-        while self._pending:  # items of a sample read before a resume
-            yield self._pending.popleft()
+        yield from self._drain_pending()  # items of samples read before a resume
         if self.mode == "resampled":
             yield from self._resampled(worker)
             return
@@ -212,6 +211,7 @@ class ShardStream(IterableDataset):
             state.update(segment=state["segment"] + 1, consumed=0, offset=0)
         while self._buffer:  # the epoch ends with its own samples: drain the buffer
             yield from self._emit(self._buffer.pop(self._rng.randrange(len(self._buffer))))
+        yield from self._drain_pending(final=True)
         if quota is not None:
             while state["yielded"] < quota:  # faults cost samples: repeat one to keep batches equal
                 yield from self._repeat_last_good()
@@ -278,9 +278,22 @@ class ShardStream(IterableDataset):
         if self.processor.one_to_one:
             self._last_good = locator
         self._pending.extend(items)
-        while self._pending:
+        yield from self._drain_pending()
+
+    def _drain_pending(self, final: bool = False) -> Iterator[Any]:
+        """Hand out produced items. A packing processor gives a document's blocks one after
+        another; they are mixed here (``pending`` doubles as an item shuffle buffer), so a batch
+        does not hold many blocks of one document."""
+        mixing = not self.processor.one_to_one and self.shuffle_buffer > 1
+        while self._pending and (final or not mixing or len(self._pending) >= self.shuffle_buffer):
+            if mixing:
+                index = self._rng.randrange(len(self._pending))
+                self._pending[index], self._pending[-1] = self._pending[-1], self._pending[index]
+                item = self._pending.pop()
+            else:
+                item = self._pending.popleft()
             self._state["yielded"] += 1
-            yield self._pending.popleft()
+            yield item
 
     def _repeat_last_good(self) -> Iterator[Any]:
         if self._last_good is None:
