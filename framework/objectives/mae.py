@@ -33,10 +33,10 @@ from framework.models.transformer import TransformerBlock
 from framework.models.vit import sincos_2d
 from framework.modules.patches import patchify, random_masking
 from framework.objectives.vision_common import (
-    ProbeConfig, batch_rng, build_backbone, check_patch_size, count_flops, image_datamodule, log_val_loss,
-    probe_callbacks, require_vit, val_images,
+    VisionObjectiveHooks,
+    ProbeConfig, batch_rng, build_backbone, check_patch_size, image_datamodule, log_val_loss,
+    require_vit, val_images,
 )
-from framework.training.optim import build_optimizer
 
 default_model = "vit"
 
@@ -91,7 +91,7 @@ class Decoder(nn.Module):
         return self.pred(self.norm(x))[:, 1:]  # (N, L, p*p*C)
 
 
-class Objective(LightningModule):
+class Objective(VisionObjectiveHooks, LightningModule):
     def __init__(self, config: dict) -> None:
         super().__init__()
         self.save_hyperparameters()  # the resolved run config travels with every checkpoint
@@ -146,15 +146,6 @@ class Objective(LightningModule):
 
     def export_backbone(self) -> torch.nn.Module:
         return self.backbone
-
-    def flops_per_sample(self, batch: torch.Tensor) -> float:
-        return count_flops(self, batch)  # without the side effects a training step would have
-
-    def configure_callbacks(self):
-        return probe_callbacks(self, self.cfg.objective.probe)
-
-    def configure_optimizers(self):
-        return build_optimizer(self, self.cfg.optim, self.cfg.trainer.max_steps)
 
 
 def build(cfg: RunConfig) -> tuple[LightningModule, LightningDataModule]:

@@ -28,10 +28,10 @@ from framework.losses.contrastive import nt_xent
 from framework.modules.heads import mlp
 from framework.modules.sync_batchnorm import convert_to_global_batchnorm
 from framework.objectives.vision_common import (
-    ProbeConfig, batch_rng, build_backbone, check_patch_size, count_flops, image_datamodule, log_val_loss,
-    probe_callbacks, val_images,
+    VisionObjectiveHooks,
+    ProbeConfig, batch_rng, build_backbone, check_patch_size, image_datamodule, log_val_loss,
+    val_images,
 )
-from framework.training.optim import build_optimizer
 
 default_model = "resnet"
 
@@ -54,7 +54,7 @@ class Config(ObjectiveConfig):
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
-class Objective(LightningModule):
+class Objective(VisionObjectiveHooks, LightningModule):
     def __init__(self, config: dict) -> None:
         super().__init__()
         self.save_hyperparameters()  # the resolved run config travels with every checkpoint
@@ -99,15 +99,6 @@ class Objective(LightningModule):
 
     def export_backbone(self) -> torch.nn.Module:
         return self.backbone
-
-    def flops_per_sample(self, batch: torch.Tensor) -> float:
-        return count_flops(self, batch)  # without the side effects a training step would have
-
-    def configure_callbacks(self):
-        return probe_callbacks(self, self.cfg.objective.probe)
-
-    def configure_optimizers(self):
-        return build_optimizer(self, self.cfg.optim, self.cfg.trainer.max_steps)
 
 
 def build(cfg: RunConfig) -> tuple[LightningModule, LightningDataModule]:

@@ -19,6 +19,7 @@ from framework.errors import ConfigError
 from framework.models.resnet import ResNet, ResNetConfig
 from framework.models.vit import ViT, ViTConfig
 from framework.modules.step_rng import seeded, step_seed
+from framework.training.optim import build_optimizer
 
 VISION_MODELS = ("vit", "resnet")
 
@@ -118,3 +119,17 @@ def probe_callbacks(module: LightningModule, probe: ProbeConfig) -> list:
     if not (probe.linear or probe.knn) or not module.cfg.data.val:
         return []
     return [OnlineProbes(probe)]
+
+
+class VisionObjectiveHooks:
+    """The Lightning hooks every vision objective shares: FLOPs for MFU, online probes, optimizer.
+    A mixin, listed before LightningModule; each method's own logic stays in its file."""
+
+    def flops_per_sample(self, batch: torch.Tensor) -> float:
+        return count_flops(self, batch)  # without the side effects a training step would have
+
+    def configure_callbacks(self):
+        return probe_callbacks(self, self.cfg.objective.probe)
+
+    def configure_optimizers(self):
+        return build_optimizer(self, self.cfg.optim, self.cfg.trainer.max_steps)
