@@ -149,7 +149,7 @@ def _cmd_data_inspect(args: argparse.Namespace) -> None:
     workers = cfg.data.num_workers if args.workers is None else args.workers
     summary = inspect_data(
         cfg.data.train, seed=cfg.run.seed, batch_size=cfg.data.batch_size, remainder=cfg.data.remainder,
-        world_size=world, num_workers=workers, epochs=args.epochs, processor=processor, verify=args.verify,
+        world_size=world, num_workers=workers, epochs=args.epochs, processor=processor, verify=args.verify, zero_copy=cfg.data.zero_copy,
     )
     if summary["bad"] or summary["missing"] or summary["duplicates"]:
         raise SystemExit(1)

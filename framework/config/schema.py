@@ -46,6 +46,10 @@ class DataConfig:
     on_error: str = "skip"  # a missing/bad shard or sample: skip (warn, count) | raise
     cache_dir: Optional[str] = None  # local copies of remote shards (http, s3, gs, pipe:)
     cache_limit_gb: float = 100.0  # least recently used copies go beyond this size
+    # Memory-map local shards and hand processors memoryviews instead of bytes (no copy per
+    # sample: large undecoded samples cost only their tar header). Processors must take any
+    # bytes-like value; the framework's own do.
+    zero_copy: bool = False
 
 
 @dataclass

@@ -78,7 +78,7 @@ class ImageDecoder:
             raise SampleError(f"no image member (.{', .'.join(IMAGE_EXTS)}) in {sorted(sample)}")
         try:
             image = decode_image(data, self.channels, self.size)
-            label = int(sample[LABEL_EXT].decode("ascii").strip()) if LABEL_EXT in sample else -1
+            label = int(str(sample[LABEL_EXT], "ascii").strip()) if LABEL_EXT in sample else -1
         except Exception as exc:  # Pillow raises many types for corrupt files; the stream's on_error decides
             raise SampleError(f"cannot decode image: {exc}") from None
         if not self.with_labels:

@@ -20,7 +20,7 @@ from framework.data.tar import TarFormatError, iter_samples
 from framework.errors import DataError, SampleError
 
 
-def scan_shards(shards: List[Shard], processor: Optional[Processor], report: Callable[[str], None]) -> Tuple[Dict[Tuple[int, int], str], List[str]]:
+def scan_shards(shards: List[Shard], processor: Optional[Processor], report: Callable[[str], None], zero_copy: bool = False) -> Tuple[Dict[Tuple[int, int], str], List[str]]:
     """Read every sample: ({(shard, index): key}, [problems by name])."""
     keys: Dict[Tuple[int, int], str] = {}
     problems: List[str] = []
@@ -29,7 +29,7 @@ def scan_shards(shards: List[Shard], processor: Optional[Processor], report: Cal
         for number, shard in enumerate(shards):
             index = 0
             try:
-                with open_shard(shard.url) as stream:
+                with open_shard(shard.url, zero_copy=zero_copy) as stream:
                     for key, sample, _ in iter_samples(stream):
                         keys[number, index] = key
                         index += 1
@@ -58,6 +58,7 @@ def inspect_data(
     num_workers: int,
     epochs: int = 1,
     processor: Optional[Processor] = None,
+    zero_copy: bool = False,
     verify: bool = False,
     report: Callable[[str], None] = print,
 ) -> Dict[str, Any]:
@@ -69,7 +70,7 @@ def inspect_data(
     report(f"sources: {len(ranges)}; shards: {len(shards)}; samples: {sum(s.samples for s in shards)}")
     for (first, last), weight in zip(ranges, weights):
         report(f"  source shards {first}..{last - 1}: {sum(s.samples for s in shards[first:last])} samples, weight {weight}")
-    keys, problems = scan_shards(shards, processor, report) if verify else ({}, [])
+    keys, problems = scan_shards(shards, processor, report, zero_copy) if verify else ({}, [])
     summary: Dict[str, Any] = {}
     for epoch in range(epochs):
         plan = epoch_plan([s.samples for s in shards], seed, epoch, world_size, readers, batch_size, remainder)

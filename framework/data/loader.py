@@ -156,6 +156,7 @@ def train_loader(
         shards, processor, seed=seed, rank=rank, world_size=world_size, batch_size=data.batch_size,
         mode=data.mode, remainder=data.remainder, endless=True, shuffle_buffer=data.shuffle_buffer,
         on_error=data.on_error, sources=sources, length=ENDLESS_SAMPLES, cache=shard_cache(data),
+        zero_copy=data.zero_copy,
     )
     return ResumableLoader(
         stream, batch_size=data.batch_size, num_workers=data.num_workers, collate_fn=collate_fn or collate_arrays,
@@ -177,6 +178,7 @@ def val_loader(
     stream = ShardStream(
         with_counts(shards, data.on_error), processor, seed=seed, rank=rank, world_size=world_size, batch_size=1,
         mode="epoch", remainder="none", endless=False, on_error=data.on_error, cache=shard_cache(data),
+        zero_copy=data.zero_copy,
     )
     return DataLoader(
         stream, batch_size=data.val_batch_size or data.batch_size, num_workers=min(data.num_workers, 1),

@@ -87,6 +87,7 @@ class ShardStream(IterableDataset):
         sources: Optional[Sources] = None,
         length: Optional[int] = None,
         cache: Optional[ShardCache] = None,
+        zero_copy: bool = False,
     ) -> None:
         if not shards:
             raise DataError("no shards to stream")
@@ -103,7 +104,7 @@ class ShardStream(IterableDataset):
         self.remainder = remainder if processor.one_to_one else "none"
         self.shuffle_buffer, self.on_error, self.length = shuffle_buffer, on_error, length
         self.sources = sources or Sources(((0, len(shards)),), (1.0,))
-        self.cache = cache
+        self.cache, self.zero_copy = cache, zero_copy
         self.elastic: Optional[Dict[str, Any]] = None  # set by the loader on a resume at another world size
         self._state: Dict[str, Any] = dict.fromkeys(_POSITION_KEYS, 0)
         self._counters: Dict[str, int] = dict.fromkeys(COUNTERS, 0)
@@ -233,7 +234,7 @@ class ShardStream(IterableDataset):
         url = self.shards[segment.shard].url
         bounded = segment.stop < (1 << 62)  # resampled draws of shards without counts are not
         try:
-            with open_shard(url, state["offset"], self.cache) as stream:
+            with open_shard(url, state["offset"], self.cache, self.zero_copy) as stream:
                 offset = state["offset"]
                 if state["consumed"] == 0 and segment.start > 0:
                     offset = skip_samples(stream, segment.start, offset)  # headers only, no data read
@@ -315,7 +316,7 @@ class ShardStream(IterableDataset):
             by_shard.setdefault(locator[0], []).append(locator)
         for shard, wanted in by_shard.items():
             try:
-                with open_shard(self.shards[shard].url, 0, self.cache) as stream:
+                with open_shard(self.shards[shard].url, 0, self.cache, self.zero_copy) as stream:
                     for locator in sorted(wanted, key=lambda l: l[2]):
                         stream.seek(locator[2])
                         key, sample, _ = next(iter_samples(stream, locator[2]))
@@ -327,7 +328,7 @@ class ShardStream(IterableDataset):
 
     def _reread(self, locator: Locator) -> Tuple[Locator, str, Sample]:
         shard, _, offset = locator
-        with open_shard(self.shards[shard].url, offset, self.cache) as stream:
+        with open_shard(self.shards[shard].url, offset, self.cache, self.zero_copy) as stream:
             key, sample, _ = next(iter_samples(stream, offset))
         return locator, key, sample
 

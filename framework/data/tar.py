@@ -7,10 +7,12 @@ the member name up to the first dot of its base name, the rest is the extension.
 """
 from __future__ import annotations
 
-from typing import BinaryIO, Dict, Iterator, Tuple
+from typing import BinaryIO, Callable, Dict, Iterator, Tuple, Union
 
 BLOCK = 512
-Sample = Dict[str, bytes]
+# Member data: bytes, or read-only memoryviews from a memory-mapped shard (data.zero_copy).
+# Both are bytes-like: decode with str(value, "utf-8"), io.BytesIO(value), np.frombuffer(value).
+Sample = Dict[str, Union[bytes, memoryview]]
 
 
 class TarFormatError(ValueError):
@@ -36,8 +38,8 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def _read_exact(stream: BinaryIO, n: int, offset: int) -> bytes:
-    data = stream.read(n)
+def _read_exact(read: Callable[[int], bytes], n: int, offset: int) -> bytes:
+    data = read(n)
     if len(data) != n:
         raise TarFormatError(f"truncated tar: wanted {n} bytes at offset {offset}, got {len(data)}")
     return data
@@ -58,8 +60,10 @@ def iter_members(stream: BinaryIO, offset: int = 0, read_data: bool = True) -> I
     """Yield ``(name, data, header_offset)`` for each regular file, from byte ``offset`` on.
 
     ``stream`` must already be positioned at ``offset`` (the caller seeks or skips). With
-    ``read_data=False`` member data is skipped (seeked over) and ``data`` is empty.
+    ``read_data=False`` member data is skipped (seeked over) and ``data`` is empty. A stream
+    with ``read_view`` (a mapped shard) gives member data without copying it.
     """
+    read_member = getattr(stream, "read_view", stream.read)
     long_name: str | None = None
     header_offset = offset
     while True:
@@ -78,18 +82,18 @@ def iter_members(stream: BinaryIO, offset: int = 0, read_data: bool = True) -> I
         if read_data or typeflag in (b"L", b"x"):
             # Read exactly the member (one copy), then drop the padding: slicing a padded
             # read would copy every large member a second time.
-            data = _read_exact(stream, size, offset + BLOCK) if size else b""
+            data = _read_exact(read_member, size, offset + BLOCK) if size else b""
             if padded > size:
-                _read_exact(stream, padded - size, offset + BLOCK + size)
+                _read_exact(read_member, padded - size, offset + BLOCK + size)
         else:
             _skip(stream, padded, offset + BLOCK)
             data = b""
         offset += BLOCK + padded
         if typeflag in (b"L",):  # GNU long name for the next member
-            long_name = data.rstrip(b"\0").decode("utf-8")
+            long_name = bytes(data).rstrip(b"\0").decode("utf-8")
             continue
         if typeflag in (b"x",):  # PAX extended header for the next member
-            long_name = _pax_path(data) or long_name
+            long_name = _pax_path(bytes(data)) or long_name
             continue
         if typeflag not in (b"0", b"\0", b"7"):
             long_name = None

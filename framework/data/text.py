@@ -46,7 +46,7 @@ class TokenPacker:
         if data is None:
             raise SampleError(f"no .{self.text_key} member (members: {sorted(sample)})")
         try:
-            text = data.decode("utf-8")
+            text = str(data, "utf-8")
         except UnicodeDecodeError as exc:
             raise SampleError(f"not UTF-8 text: {exc}") from None
         ids = np.asarray(self._tokenizer.encode(text).ids + [self._eos], dtype=np.int32)

@@ -24,7 +24,7 @@ class KeyProcessor:
     def __call__(self, key, sample, shard):
         if key in self.bad_keys:
             raise SampleError("cannot decode")
-        return [sample["txt"].decode()]
+        return [str(sample["txt"], "utf-8")]  # bytes-like: bytes, or memoryviews under zero_copy
 
     def state_dict(self):
         return {}

@@ -127,11 +127,12 @@ def test_resume_at_random_cut_points_continues_exactly(shared_uneven_shards, cut
     assert list(itertools.islice(iter(resumed), 15)) == reference[cut:]
 
 
-def test_resumed_text_loader_continues_exactly(text_corpus):
+@pytest.mark.parametrize("zero_copy", [False, True])
+def test_resumed_text_loader_continues_exactly(text_corpus, zero_copy):
     def loader():
         stream = ShardStream(
             with_counts(resolve_shards(str(text_corpus["train"]))), TokenPacker(str(text_corpus["tokenizer"]), 32),
-            seed=5, shuffle_buffer=16, length=10**6,
+            seed=5, shuffle_buffer=16, length=10**6, zero_copy=zero_copy,
         )
         return ResumableLoader(stream, batch_size=4, num_workers=2, collate_fn=collate_arrays)
 
@@ -151,7 +152,7 @@ def test_resumed_text_loader_continues_exactly(text_corpus):
 def test_resume_seeks_instead_of_rereading(uneven_shards, monkeypatch):
     opened = []
     real_open = stream_module.open_shard
-    monkeypatch.setattr(stream_module, "open_shard", lambda url, offset=0, cache=None: opened.append(offset) or real_open(url, offset))
+    monkeypatch.setattr(stream_module, "open_shard", lambda url, offset=0, *rest: opened.append(offset) or real_open(url, offset, *rest))
     stream = stream_of(uneven_shards, shuffle_buffer=0)
     items = stream.reader_items(0, 1)
     for _ in range(50):
@@ -195,6 +196,22 @@ def test_elastic_resume_sees_each_sample_once(tmp_path_factory, old, new, cuts):
     everything = seen + after
     assert len(everything) == len(set(everything)), "no sample seen twice"
     assert 72 - len(everything) < new_world * 2, "none lost but the new remainder"
+
+
+def test_zero_copy_stream_reads_resumes_and_skips_like_the_copying_one(uneven_shards):
+    copying = list(stream_of(uneven_shards).reader_items(0, 1))
+    assert list(stream_of(uneven_shards, zero_copy=True).reader_items(0, 1)) == copying
+    first = stream_of(uneven_shards, zero_copy=True)
+    items = first.reader_items(0, 1)
+    head = [next(items) for _ in range(30)]
+    resumed = stream_of(uneven_shards, zero_copy=True)
+    resumed.load_state_dict(first.state_dict())  # the shuffle buffer is re-read through the mapping
+    assert head + list(resumed.reader_items(0, 1)) == copying
+    data = open(uneven_shards[2].url, "rb").read()
+    open(uneven_shards[2].url, "wb").write(data[: len(data) // 3])
+    damaged = stream_of(uneven_shards, zero_copy=True)
+    assert len(list(damaged.reader_items(0, 1))) == len(copying)
+    assert damaged.counters["skipped_shards"] == 1
 
 
 # ---------------------------------------------------------------- faults

@@ -79,6 +79,8 @@ def test_decoder_resizes_converts_and_labels():
     assert isinstance(item, np.ndarray) and item.shape == (3, 8, 8), "training items carry no label"
     (image, label, key) = ImageDecoder(8, 3, with_labels=True)("k1", {"png": rgb, "cls": b"7"}, "shard.tar")[0]
     assert label == 7 and key >= 0
+    viewed = ImageDecoder(8, 3, with_labels=True)("k1", {"png": memoryview(rgb), "cls": memoryview(b"7")}, "s.tar")[0]
+    assert np.array_equal(viewed[0], image) and viewed[1] == 7, "data.zero_copy hands out memoryviews"
     with pytest.raises(SampleError, match="no image member"):
         train("k2", {"txt": b"x"}, "shard.tar")
     with pytest.raises(SampleError, match="cannot decode"):
