@@ -5,7 +5,10 @@ convolution, positions are fixed 2-D sine-cosine embeddings (MAE, MoCo v3) compu
 whatever grid the input has, so crops of any size divisible by the patch size work
 (DINO's local crops) without interpolating a learned table. The blocks are the project's
 pre-norm ``TransformerBlock`` without a causal mask. Features are the mean of the patch
-tokens (``pool: mean``) or the class token (``pool: cls``), after the final LayerNorm.
+tokens (``pool: mean``), the class token (``pool: cls``), or the patch tokens averaged over a
+``pool_grid`` x ``pool_grid`` grid of the image and concatenated (``pool: grid``: keeps where
+things are, which a linear probe of tiny images needs; the size is fixed whatever the crop),
+after the final LayerNorm.
 
 Masked-image objectives use the pieces: ``embed`` (patch tokens, no positions),
 ``positions``, ``encode`` (class token + blocks + norm on any token subset).
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from framework.config.schema import ModelConfig
 from framework.errors import ConfigError
@@ -30,7 +34,8 @@ class ViTConfig(ModelConfig):
     depth: int = 12
     heads: int = 3
     mlp_ratio: float = 4.0
-    pool: str = "mean"  # mean (of patch tokens) | cls
+    pool: str = "mean"  # mean (of patch tokens) | cls | grid (concatenated region means)
+    pool_grid: int = 2  # pool: grid -> features of pool_grid^2 * dim
     dropout: float = 0.0
     # Input normalisation inside the model, so users feed plain [0, 1] images.
     mean: float = 0.5
@@ -55,14 +60,16 @@ class ViT(nn.Module):
 
     def __init__(self, cfg: ViTConfig, channels: int) -> None:
         super().__init__()
-        if cfg.pool not in ("mean", "cls"):
-            raise ConfigError(f"model.pool must be 'mean' or 'cls', not {cfg.pool!r}")
+        if cfg.pool not in ("mean", "cls", "grid"):
+            raise ConfigError(f"model.pool must be 'mean', 'cls' or 'grid', not {cfg.pool!r}")
+        if cfg.pool == "grid" and cfg.pool_grid < 1:
+            raise ConfigError(f"model.pool_grid must be >= 1, got {cfg.pool_grid}")
         if cfg.dim % cfg.heads:
             raise ConfigError(f"model.dim ({cfg.dim}) must be divisible by model.heads ({cfg.heads})")
         if cfg.patch_size < 1:
             raise ConfigError(f"model.patch_size must be >= 1, got {cfg.patch_size}")
         self.cfg, self.channels, self.patch_size = cfg, channels, cfg.patch_size
-        self.feature_dim = cfg.dim
+        self.feature_dim = cfg.dim * (cfg.pool_grid**2 if cfg.pool == "grid" else 1)
         self.register_buffer("pixel_mean", torch.tensor(cfg.mean), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.std), persistent=False)
         self.patch_embed = nn.Conv2d(channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
@@ -110,9 +117,16 @@ class ViT(nn.Module):
             x = block(x)
         return self.norm(x)
 
-    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden[:, 0] if self.cfg.pool == "cls" else hidden[:, 1:].mean(dim=1)
+    def pool(self, hidden: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(N, 1 + L, dim) encoded tokens of a full ``grid`` of patches -> (N, feature_dim)."""
+        if self.cfg.pool == "cls":
+            return hidden[:, 0]
+        if self.cfg.pool == "mean":
+            return hidden[:, 1:].mean(dim=1)
+        patches = hidden[:, 1:].transpose(1, 2).reshape(hidden.shape[0], -1, *grid)
+        return F.adaptive_avg_pool2d(patches, self.cfg.pool_grid).flatten(1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.embed(images) + self.positions(images.shape[-2], images.shape[-1])
-        return self.pool(self.encode(tokens))
+        height, width = images.shape[-2], images.shape[-1]
+        tokens = self.embed(images) + self.positions(height, width)
+        return self.pool(self.encode(tokens), self.grid(height, width))

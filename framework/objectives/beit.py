@@ -78,9 +78,9 @@ class Objective(VisionObjectiveHooks, LightningModule):
         self.backbone = build_backbone(self.cfg)
         p = self.cfg.model.patch_size
         self.tokenizer = PatchCodebook(o.codebook_size, p * p * data.channels)
-        self.mask_embedding = nn.Parameter(torch.zeros(1, 1, self.backbone.feature_dim))
+        self.mask_embedding = nn.Parameter(torch.zeros(1, 1, self.cfg.model.dim))  # token width, not the pooled features
         nn.init.trunc_normal_(self.mask_embedding, std=0.02)
-        self.head = nn.Linear(self.backbone.feature_dim, o.codebook_size)
+        self.head = nn.Linear(self.cfg.model.dim, o.codebook_size)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
         self.augment = ViewAugment(o.view, data.channels, data.image_size, "objective.view")

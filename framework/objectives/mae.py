@@ -103,7 +103,7 @@ class Objective(VisionObjectiveHooks, LightningModule):
         check_patch_size(o.view.size or data.image_size, self.cfg, "objective.view.size")
         self.backbone = build_backbone(self.cfg)
         p = self.cfg.model.patch_size
-        self.decoder = Decoder(self.backbone.feature_dim, o.decoder_dim, o.decoder_depth, o.decoder_heads,
+        self.decoder = Decoder(self.cfg.model.dim, o.decoder_dim, o.decoder_depth, o.decoder_heads,
                                self.cfg.model.mlp_ratio, p * p * data.channels)
         self.augment = ViewAugment(o.view, data.channels, data.image_size, "objective.view")
         self.val_loss = MeanMetric()
