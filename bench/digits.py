@@ -123,9 +123,14 @@ def pretrain(method: str, extra: list[str]) -> tuple[Path, float]:
                f"run.dir={run_dir}", "logging.wandb=disabled", "logging.progress=false", *extra]
     print(f"[digits] {' '.join(command[2:])}", flush=True)
     start = time.perf_counter()
-    # One thread per process: the configs run 2 DDP processes on 2 cores, and oversubscribed
-    # threads make small convolutions tens of times slower when the machine is busy.
-    result = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # The cores split between the processes: oversubscribed threads make small convolutions
+    # tens of times slower. (One process is the faster choice here: these models are so small
+    # that DDP's gradient all-reduce over gloo costs more than the second core gives.)
+    from framework.config.load import load_config
+
+    devices = load_config(f"configs/experiments/{method}-digits.yaml", list(extra)).trainer.devices
+    threads = str(max(1, (os.cpu_count() or 1) // max(devices, 1)))
+    result = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": threads})
     if result.returncode != 0:
         raise SystemExit(f"[digits] pretraining {method} failed (exit code {result.returncode})")
     checkpoints = sorted((run_dir / "checkpoints").glob("step-*.ckpt"))
