@@ -18,10 +18,9 @@ import torch
 from lightning.pytorch import LightningDataModule
 
 from framework.config.schema import DataConfig
-from framework.data.loader import check_data_config, train_loader, val_loader
+from framework.data.loader import ShardDataMixin, train_loader, val_loader
 from framework.data.manifest import read_manifest
-from framework.data.plan import Sources
-from framework.data.sources import Shard, is_remote, open_shard, resolve_shards, resolve_sources
+from framework.data.sources import Shard, is_remote, open_shard, resolve_shards
 from framework.data.tar import Sample, iter_samples
 from framework.errors import ConfigError, DataError, SampleError
 
@@ -127,7 +126,7 @@ def image_facts(shards: List[Shard], key: str = "data.train") -> tuple[int, int]
                     "set data.image_size and data.channels, or check the shards")
 
 
-class ImageDataModule(LightningDataModule):
+class ImageDataModule(ShardDataMixin, LightningDataModule):
     """Train: an endless stream of uint8 image batches (no labels); val: one labelled pass."""
 
     def __init__(self, data: DataConfig, seed: int) -> None:
@@ -135,14 +134,7 @@ class ImageDataModule(LightningDataModule):
         if data.image_size < 1 or data.channels not in (1, 3):
             raise ConfigError("ImageDataModule needs data.image_size and data.channels resolved (see resolve_image_facts)")
         self.data, self.seed = data, seed
-        self.train_shards, ranges, weights = resolve_sources(data.train, "data.train")
-        self.sources = Sources(tuple(ranges), tuple(weights))
-        check_data_config(data, len(ranges))
-        self.val_shards = resolve_shards(data.val, "data.val") if data.val else []
-
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self.resolve_data(data)
 
     def train_dataloader(self):
         rank, world = self._rank_world()

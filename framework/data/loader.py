@@ -21,7 +21,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from framework.config.schema import DataConfig
 from framework.data.cache import ShardCache
 from framework.data.plan import Segment, Sources, epoch_plan, plan_from_sequence
-from framework.data.sources import Shard, with_counts
+from framework.data.sources import Shard, resolve_shards, resolve_sources, with_counts
 from framework.data.stream import COUNTERS, Processor, ShardStream, collate_arrays
 from framework.errors import DataError
 
@@ -184,3 +184,18 @@ def val_loader(
         stream, batch_size=data.val_batch_size or data.batch_size, num_workers=min(data.num_workers, 1),
         collate_fn=collate_fn or collate_arrays,
     )
+
+
+class ShardDataMixin:
+    """What every modality's LightningDataModule shares: its shards and this rank's place."""
+
+    def resolve_data(self, data: DataConfig) -> None:
+        """Sets ``train_shards``, ``sources`` (weighted source ranges) and ``val_shards``."""
+        self.train_shards, ranges, weights = resolve_sources(data.train, "data.train")
+        self.sources = Sources(tuple(ranges), tuple(weights))
+        check_data_config(data, len(ranges))
+        self.val_shards = resolve_shards(data.val, "data.val") if data.val else []
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)

@@ -13,9 +13,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 
 from framework.config.schema import DataConfig
-from framework.data.loader import check_data_config, train_loader, val_loader
-from framework.data.plan import Sources
-from framework.data.sources import resolve_shards, resolve_sources
+from framework.data.loader import ShardDataMixin, train_loader, val_loader
 from framework.data.tar import Sample
 from framework.errors import SampleError
 
@@ -62,20 +60,13 @@ class TokenPacker:
         self._carry = np.asarray(state["carry"].numpy(), dtype=np.int32)
 
 
-class TextDataModule(LightningDataModule):
+class TextDataModule(ShardDataMixin, LightningDataModule):
     """Train: an endless packed token stream per rank; val: one pass over held-out shards."""
 
     def __init__(self, data: DataConfig, seed: int, block_len: int) -> None:
         super().__init__()
         self.data, self.seed, self.block_len = data, seed, block_len
-        self.train_shards, ranges, weights = resolve_sources(data.train, "data.train")
-        self.sources = Sources(tuple(ranges), tuple(weights))
-        check_data_config(data, len(ranges))
-        self.val_shards = resolve_shards(data.val, "data.val") if data.val else []
-
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self.resolve_data(data)
 
     def processor(self) -> TokenPacker:
         """How a sample becomes items (``data inspect --verify`` decodes with it too)."""
