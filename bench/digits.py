@@ -107,6 +107,10 @@ def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    import warnings
+
+    # scikit-learn >= 1.8 announces changes of LogisticRegressionCV's defaults on every fit.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")
     scores = []
     for subset in range(SUBSETS):
         x, _, y, _ = train_test_split(train_x, train_y, train_size=LABEL_FRACTION, random_state=subset, stratify=train_y)

@@ -63,4 +63,5 @@ def load_backbone(checkpoint_path: str | Path) -> nn.Module:
         raise ConfigError(f"{path}: the checkpoint lacks backbone weights {missing[:3]}")
     backbone = build_backbone(cfg)
     backbone.load_state_dict(exported.state_dict())
+    backbone.image_size = cfg.data.image_size  # the resolution it was pretrained at (features hold best there)
     return backbone.eval()

@@ -121,6 +121,7 @@ class ResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = in_ch
+        self.feature_map_dim = in_ch  # channels of feature_map()
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -129,8 +130,12 @@ class ResNet(nn.Module):
                 if isinstance(module, (BasicBlock, Bottleneck)):
                     nn.init.zeros_(module.last_bn().weight)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) in [0, 1] -> the last stage's (N, feature_dim, h, w), before pooling."""
         if images.shape[1] != self.channels:
             raise ValueError(f"the model expects {self.channels}-channel images, got shape {tuple(images.shape)}")
         x = (images - self.pixel_mean) / self.pixel_std
-        return self.pool(self.stages(self.stem(x))).flatten(1)
+        return self.stages(self.stem(x))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.feature_map(images)).flatten(1)

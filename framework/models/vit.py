@@ -70,6 +70,7 @@ class ViT(nn.Module):
             raise ConfigError(f"model.patch_size must be >= 1, got {cfg.patch_size}")
         self.cfg, self.channels, self.patch_size = cfg, channels, cfg.patch_size
         self.feature_dim = cfg.dim * (cfg.pool_grid**2 if cfg.pool == "grid" else 1)
+        self.feature_map_dim = cfg.dim  # channels of feature_map()
         self.register_buffer("pixel_mean", torch.tensor(cfg.mean), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.std), persistent=False)
         self.patch_embed = nn.Conv2d(channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
@@ -130,3 +131,9 @@ class ViT(nn.Module):
         height, width = images.shape[-2], images.shape[-1]
         tokens = self.embed(images) + self.positions(height, width)
         return self.pool(self.encode(tokens), self.grid(height, width))
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) in [0, 1] -> the encoded patch tokens as a (N, dim, H/p, W/p) map."""
+        height, width = images.shape[-2], images.shape[-1]
+        hidden = self.encode(self.embed(images) + self.positions(height, width))
+        return hidden[:, 1:].transpose(1, 2).reshape(hidden.shape[0], self.cfg.dim, *self.grid(height, width))

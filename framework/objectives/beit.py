@@ -11,11 +11,17 @@ its visual token (softmax over the codebook); the loss is the cross-entropy on m
 positions only (Eq. 1).
 
 The tokenizer (``framework.modules.codebook.PatchCodebook``): BEiT uses DALL-E's dVAE,
-trained beforehand on 250M images and frozen. Here it is a k-means codebook of
-``codebook_size`` codes over per-patch-normalised pixels of the *tokenizer's* patches,
-fitted once on the first training batch of all ranks and then frozen (saved in checkpoints).
-It plays the same role - a fixed, pretrained-then-frozen discretisation of patches - without
-downloading weights; it is coarser than a dVAE, so the targets carry less semantics.
+trained beforehand on 250M images and frozen, which we cannot download. Here it is a k-means
+codebook of ``codebook_size`` codes, fitted once on the first training batch of all ranks and
+then frozen (saved in checkpoints), over one of two inputs:
+- ``tokenizer: pixels`` (default): each patch's own pixels, standardised per patch. No other
+  model needed; the codes are low-level (stroke pieces), coarser than a dVAE's, so the targets carry less semantics.
+- ``tokenizer: teacher``: the patch-grid features of a frozen pretrained image backbone
+  (``teacher``: any vision checkpoint of this framework, e.g. a SimCLR run), as BEiT v2's
+  VQ-KD quantizes a teacher's patch features (Peng et al., 2022, https://arxiv.org/abs/2208.06366;
+  there a learned codebook, here k-means). The teacher sees each view at the resolution it was
+  pretrained at; its last feature map is resized to the patch grid. It is loaded from its file
+  at the first step (also when resuming), never saved with this run, and never trained.
 
 Deviations: the tokenizer (above); AdamW + warmup/cosine from ``optim.*``; no layer-scale or
 relative position bias (fixed 2-D sine-cosine positions of the shared ViT); features pool
@@ -24,8 +30,11 @@ patch tokens (``model.pool``), as BEiT's linear probe averages them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule, LightningModule
 from torch import nn
 from torchmetrics import MeanMetric
@@ -59,6 +68,9 @@ class Config(ObjectiveConfig):
     min_mask_patches: int = 4  # smallest masked block (the paper: 16 at 14x14 patches)
     codebook_size: int = 8192  # visual vocabulary (the dVAE's size); the k-means tokenizer's code count
     tokenizer_iterations: int = 20  # k-means iterations
+    tokenizer: str = "pixels"  # pixels | teacher: what the k-means codes are fitted on (module docstring)
+    teacher: Optional[str] = None  # tokenizer: teacher - a vision checkpoint or .safetensors of this framework
+    teacher_dim: Optional[int] = None  # filled from the teacher when the run is built (its feature map's channels)
     view: ViewConfig = field(default_factory=beit_view)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
@@ -77,7 +89,14 @@ class Objective(VisionObjectiveHooks, LightningModule):
         check_patch_size(o.view.size or data.image_size, self.cfg, "objective.view.size")
         self.backbone = build_backbone(self.cfg)
         p = self.cfg.model.patch_size
-        self.tokenizer = PatchCodebook(o.codebook_size, p * p * data.channels)
+        if o.tokenizer == "teacher":
+            if o.teacher_dim is None:
+                raise ConfigError("objective.teacher_dim is unset: build the run with beit.build(), which reads the teacher")
+            code_dim = o.teacher_dim
+        else:
+            code_dim = p * p * data.channels
+        self.tokenizer = PatchCodebook(o.codebook_size, code_dim)
+        self._teacher: tuple[nn.Module, ...] = ()  # a tuple: not a submodule (not trained, saved or sharded)
         self.mask_embedding = nn.Parameter(torch.zeros(1, 1, self.cfg.model.dim))  # token width, not the pooled features
         nn.init.trunc_normal_(self.mask_embedding, std=0.02)
         self.head = nn.Linear(self.cfg.model.dim, o.codebook_size)
@@ -93,15 +112,31 @@ class Objective(VisionObjectiveHooks, LightningModule):
         o = self.cfg.objective
         return block_masking(batch, grid, o.mask_ratio, o.min_mask_patches).to(device)
 
+    def tokenizer_inputs(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(N, C, H, W) views -> (N, L, D): what each patch's visual token is computed from."""
+        o = self.cfg.objective
+        if o.tokenizer != "teacher":
+            return patchify(images, self.cfg.model.patch_size)
+        if not self._teacher:
+            self._teacher = (load_teacher(o.teacher, self.cfg.data.channels)[0].to(images.device),)
+        teacher = self._teacher[0]
+        size = teacher.image_size
+        with torch.no_grad():
+            if images.shape[-1] != size or images.shape[-2] != size:
+                images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            features = teacher.feature_map(images.float())
+            features = F.interpolate(features, size=grid, mode="bilinear", antialias=True, align_corners=False)
+        return features.flatten(2).transpose(1, 2)
+
     def loss(self, views: list[torch.Tensor], gather: bool = True) -> torch.Tensor:
         images, vit = views[0], self.backbone
-        patches = patchify(images, self.cfg.model.patch_size)
+        grid = vit.grid(images.shape[-2], images.shape[-1])
+        patches = self.tokenizer_inputs(images, grid)
         if not bool(self.tokenizer.fitted):
             if not (self.training and gather):
                 raise RuntimeError("the BEiT tokenizer is fitted on the first training batch; none was seen yet")
             self.tokenizer.fit(patches.flatten(0, 1), self.cfg.objective.tokenizer_iterations, self.cfg.run.seed)
         targets = self.tokenizer.encode(patches)  # (N, L) visual tokens, no gradient
-        grid = vit.grid(images.shape[-2], images.shape[-1])
         mask = self.mask(images.shape[0], grid, images.device)
         tokens = vit.embed(images)
         tokens = torch.where(mask[..., None], self.mask_embedding.to(tokens.dtype), tokens)  # [MASK] replaces the patch
@@ -128,7 +163,26 @@ class Objective(VisionObjectiveHooks, LightningModule):
         return self.backbone
 
 
+def load_teacher(path: Optional[str], channels: int) -> tuple[nn.Module, int]:
+    """The frozen backbone behind ``tokenizer: teacher`` and its feature map's channel count."""
+    from framework.evaluate.backbone import load_backbone
+
+    if not path:
+        raise ConfigError("objective.tokenizer: teacher needs objective.teacher (a vision checkpoint of this framework)")
+    if not Path(path).exists():
+        raise ConfigError(f"objective.teacher: checkpoint not found: {path}")
+    teacher = load_backbone(path)
+    if teacher.channels != channels:
+        raise ConfigError(f"objective.teacher {path} takes {teacher.channels}-channel images, the data has {channels}")
+    teacher.requires_grad_(False)
+    return teacher, teacher.feature_map_dim
+
+
 def build(cfg: RunConfig) -> tuple[LightningModule, LightningDataModule]:
     require_vit(cfg)  # before reading any data: only a ViT takes a [MASK] embedding per patch
+    if cfg.objective.tokenizer not in ("pixels", "teacher"):
+        raise ConfigError(f"objective.tokenizer must be 'pixels' or 'teacher', not {cfg.objective.tokenizer!r}")
     datamodule = image_datamodule(cfg)  # fills data.image_size / data.channels the model needs
+    if cfg.objective.tokenizer == "teacher":  # read it now: a bad path fails before any step
+        cfg.objective.teacher_dim = load_teacher(cfg.objective.teacher, cfg.data.channels)[1]
     return Objective(config_to_dict(cfg)), datamodule
