@@ -17,7 +17,8 @@ then frozen (saved in checkpoints), over one of two inputs:
 - ``tokenizer: pixels`` (default): each patch's own pixels, standardised per patch. No other
   model needed; the codes are low-level (stroke pieces), coarser than a dVAE's, so the targets carry less semantics.
 - ``tokenizer: teacher``: the patch-grid features of a frozen pretrained image backbone
-  (``teacher``: any vision checkpoint of this framework, e.g. a SimCLR run), as BEiT v2's
+  (``teacher``: any vision checkpoint of this framework, or a run directory for its newest
+  checkpoint, e.g. a SimCLR run), as BEiT v2's
   VQ-KD quantizes a teacher's patch features (Peng et al., 2022, https://arxiv.org/abs/2208.06366;
   there a learned codebook, here k-means). The teacher sees each view at the resolution it was
   pretrained at; its last feature map is resized to the patch grid. It is loaded from its file
@@ -163,6 +164,18 @@ class Objective(VisionObjectiveHooks, LightningModule):
         return self.backbone
 
 
+def resolve_teacher(path: str) -> str:
+    """A run directory stands for its newest checkpoint; a checkpoint file or directory for itself."""
+    from framework.training.checkpoint import CHECKPOINT_DIR, newest_checkpoint
+
+    if (Path(path) / CHECKPOINT_DIR).is_dir():
+        newest = newest_checkpoint(Path(path))
+        if newest is None:
+            raise ConfigError(f"objective.teacher: run directory {path} has no checkpoint yet")
+        return str(newest)
+    return path
+
+
 def load_teacher(path: Optional[str], channels: int) -> tuple[nn.Module, int]:
     """The frozen backbone behind ``tokenizer: teacher`` and its feature map's channel count."""
     from framework.evaluate.backbone import load_backbone
@@ -171,7 +184,7 @@ def load_teacher(path: Optional[str], channels: int) -> tuple[nn.Module, int]:
         raise ConfigError("objective.tokenizer: teacher needs objective.teacher (a vision checkpoint of this framework)")
     if not Path(path).exists():
         raise ConfigError(f"objective.teacher: checkpoint not found: {path}")
-    teacher = load_backbone(path)
+    teacher = load_backbone(resolve_teacher(path))
     if teacher.channels != channels:
         raise ConfigError(f"objective.teacher {path} takes {teacher.channels}-channel images, the data has {channels}")
     teacher.requires_grad_(False)
@@ -185,4 +198,5 @@ def build(cfg: RunConfig) -> tuple[LightningModule, LightningDataModule]:
     datamodule = image_datamodule(cfg)  # fills data.image_size / data.channels the model needs
     if cfg.objective.tokenizer == "teacher":  # read it now: a bad path fails before any step
         cfg.objective.teacher_dim = load_teacher(cfg.objective.teacher, cfg.data.channels)[1]
+        cfg.objective.teacher = resolve_teacher(cfg.objective.teacher)  # pinned: a run dir's newest checkpoint now
     return Objective(config_to_dict(cfg)), datamodule

@@ -95,3 +95,15 @@ def test_a_teacher_for_other_channels_is_refused(digit_shards, tmp_path):
     write_teacher(tmp_path / "rgb.ckpt", digit_shards, "simclr", "data.channels=3")
     with pytest.raises(ConfigError, match="takes 3-channel images, the data has 1"):
         beit(digit_shards, "objective.tokenizer=teacher", f"objective.teacher={tmp_path / 'rgb.ckpt'}")
+
+
+def test_a_run_directory_means_its_newest_checkpoint_pinned_at_build(digit_shards, tmp_path):
+    run = tmp_path / "simclr-run"
+    (run / "checkpoints").mkdir(parents=True)
+    write_teacher(run / "checkpoints/step-00000010.ckpt", digit_shards)
+    write_teacher(run / "checkpoints/step-00000020.ckpt", digit_shards)
+    objective = beit(digit_shards, "objective.tokenizer=teacher", f"objective.teacher={run}")
+    assert objective.cfg.objective.teacher == str(run / "checkpoints/step-00000020.ckpt")
+    (tmp_path / "empty-run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="has no checkpoint yet"):
+        beit(digit_shards, "objective.tokenizer=teacher", f"objective.teacher={tmp_path / 'empty-run'}")
