@@ -119,7 +119,8 @@ class Objective(VisionObjectiveHooks, LightningModule):
         if o.tokenizer != "teacher":
             return patchify(images, self.cfg.model.patch_size)
         if not self._teacher:
-            self._teacher = (load_teacher(o.teacher, self.cfg.data.channels)[0].to(images.device),)
+            with torch.random.fork_rng(devices=[]):  # building it draws initial weights: keep the run's RNG stream
+                self._teacher = (load_teacher(o.teacher, self.cfg.data.channels)[0].to(images.device),)
         teacher = self._teacher[0]
         size = teacher.image_size
         with torch.no_grad():

@@ -250,3 +250,11 @@ def test_config_from_dict_round_trip_and_validation() -> None:
     bad = config_to_dict(cfg) | {"trainer": {"max_stpes": 1}}
     with pytest.raises(ConfigError, match=r"^config dict: unknown key 'trainer.max_stpes'"):
         config_from_dict(bad)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs/experiments").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_experiment_config_loads_and_validates(path):
+    """A renamed key or a stale default in a shipped config fails here, not on a user's machine."""
+    cfg = load_config(str(path), [])
+    assert cfg.objective.name and cfg.model.name and cfg.trainer.max_steps >= 1

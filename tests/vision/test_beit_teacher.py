@@ -107,3 +107,29 @@ def test_a_run_directory_means_its_newest_checkpoint_pinned_at_build(digit_shard
     (tmp_path / "empty-run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(ConfigError, match="has no checkpoint yet"):
         beit(digit_shards, "objective.tokenizer=teacher", f"objective.teacher={tmp_path / 'empty-run'}")
+
+
+@pytest.mark.timeout(300)
+def test_ddp_fit_with_a_teacher_resumes_exactly(digit_shards, tmp_path):
+    """2 processes: every rank loads the teacher, the codebook fitted on rank 0's k-means is broadcast;
+    a resumed run reloads the teacher and ends with the uninterrupted run's weights."""
+    from vision_helpers import metric_rows, run_cli
+
+    write_teacher(tmp_path / "teacher.ckpt", digit_shards)
+
+    def fit(run_dir, *extra):
+        return run_cli(["fit", *tiny_overrides("beit", digit_shards), "objective.tokenizer=teacher",
+                        f"objective.teacher={tmp_path / 'teacher.ckpt'}", "data.batch_size=16", "data.num_workers=0",
+                        "trainer.devices=2", "trainer.max_steps=4", "trainer.val_every_steps=2", "trainer.val_batches=1",
+                        "trainer.checkpoint_every_steps=2", "trainer.log_every_steps=1", "optim.warmup_steps=1",
+                        "logging.wandb=disabled", "logging.progress=false", f"run.dir={run_dir}", *extra])
+
+    fit(tmp_path / "straight")
+    losses = [r["train/loss"] for r in metric_rows(tmp_path / "straight") if "train/loss" in r]
+    assert len(losses) == 4 and all(loss == loss for loss in losses)
+    fit(tmp_path / "resumed", f"run.resume={tmp_path / 'straight'}/checkpoints/step-00000002.ckpt")
+    end_a = torch.load(tmp_path / "straight/checkpoints/step-00000004.ckpt", weights_only=False)["state_dict"]
+    end_b = torch.load(tmp_path / "resumed/checkpoints/step-00000004.ckpt", weights_only=False)["state_dict"]
+    assert end_a.keys() == end_b.keys() and "tokenizer.codes" in end_a
+    for key, value in end_a.items():
+        torch.testing.assert_close(end_b[key], value, msg=lambda m, key=key: f"{key}: {m}")
