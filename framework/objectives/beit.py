@@ -18,11 +18,11 @@ then frozen (saved in checkpoints), over one of two inputs:
   model needed; the codes are low-level (stroke pieces), coarser than a dVAE's, so the targets carry less semantics.
 - ``tokenizer: teacher``: the patch-grid features of a frozen pretrained image backbone
   (``teacher``: any vision checkpoint of this framework, or a run directory for its newest
-  checkpoint, e.g. a SimCLR run), as BEiT v2's
-  VQ-KD quantizes a teacher's patch features (Peng et al., 2022, https://arxiv.org/abs/2208.06366;
-  there a learned codebook, here k-means). The teacher sees each view at the resolution it was
-  pretrained at; its last feature map is resized to the patch grid. It is loaded from its file
-  at the first step (also when resuming), never saved with this run, and never trained.
+  checkpoint, e.g. a SimCLR run), as BEiT v2's VQ-KD quantizes a teacher's patch features
+  (Peng et al., 2022, https://arxiv.org/abs/2208.06366; there a learned codebook, here k-means).
+  The teacher sees each view at the resolution it was pretrained at; its last feature map is
+  resized to the patch grid. It is read from its file when the run is built (also when
+  resuming), never saved with this run, and never trained.
 
 Deviations: the tokenizer (above); AdamW + warmup/cosine from ``optim.*``; no layer-scale or
 relative position bias (fixed 2-D sine-cosine positions of the shared ViT); features pool
@@ -118,10 +118,9 @@ class Objective(VisionObjectiveHooks, LightningModule):
         o = self.cfg.objective
         if o.tokenizer != "teacher":
             return patchify(images, self.cfg.model.patch_size)
-        if not self._teacher:
-            with torch.random.fork_rng(devices=[]):  # building it draws initial weights: keep the run's RNG stream
-                self._teacher = (load_teacher(o.teacher, self.cfg.data.channels)[0].to(images.device),)
-        teacher = self._teacher[0]
+        if not self._teacher:  # an Objective made without build() (build hands over the one it read)
+            self._teacher = (load_teacher(o.teacher, self.cfg.data.channels)[0],)
+        teacher = self._teacher[0].to(images.device)  # a no-op after the first step
         size = teacher.image_size
         with torch.no_grad():
             if images.shape[-1] != size or images.shape[-2] != size:
@@ -185,7 +184,8 @@ def load_teacher(path: Optional[str], channels: int) -> tuple[nn.Module, int]:
         raise ConfigError("objective.tokenizer: teacher needs objective.teacher (a vision checkpoint of this framework)")
     if not Path(path).exists():
         raise ConfigError(f"objective.teacher: checkpoint not found: {path}")
-    teacher = load_backbone(resolve_teacher(path))
+    with torch.random.fork_rng(devices=[]):  # building it draws initial weights: keep the run's RNG stream
+        teacher = load_backbone(resolve_teacher(path))
     if teacher.channels != channels:
         raise ConfigError(f"objective.teacher {path} takes {teacher.channels}-channel images, the data has {channels}")
     teacher.requires_grad_(False)
@@ -197,7 +197,11 @@ def build(cfg: RunConfig) -> tuple[LightningModule, LightningDataModule]:
     if cfg.objective.tokenizer not in ("pixels", "teacher"):
         raise ConfigError(f"objective.tokenizer must be 'pixels' or 'teacher', not {cfg.objective.tokenizer!r}")
     datamodule = image_datamodule(cfg)  # fills data.image_size / data.channels the model needs
+    teacher = None
     if cfg.objective.tokenizer == "teacher":  # read it now: a bad path fails before any step
-        cfg.objective.teacher_dim = load_teacher(cfg.objective.teacher, cfg.data.channels)[1]
+        teacher, cfg.objective.teacher_dim = load_teacher(cfg.objective.teacher, cfg.data.channels)
         cfg.objective.teacher = resolve_teacher(cfg.objective.teacher)  # pinned: a run dir's newest checkpoint now
-    return Objective(config_to_dict(cfg)), datamodule
+    objective = Objective(config_to_dict(cfg))
+    if teacher is not None:
+        objective._teacher = (teacher,)  # read once per process, not again at the first step
+    return objective, datamodule
