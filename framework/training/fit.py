@@ -19,7 +19,7 @@ from framework.training.callbacks.preemption import Preemption
 from framework.training.callbacks.progress import ProgressDisplay
 from framework.training.callbacks.throughput import Throughput
 from framework.training.environment import check_launch_environment
-from framework.training.loggers import JsonlLogger, drop_rows_after, make_wandb_logger
+from framework.training.loggers import FlushMetricRows, JsonlLogger, drop_rows_after, make_wandb_logger
 from framework.training.checkpoint import (  # noqa: F401 (checkpoint_step, newest_checkpoint: re-exported)
     CHECKPOINT_DIR,
     Checkpointing,
@@ -89,7 +89,8 @@ def build_trainer(cfg: RunConfig, extra_callbacks: List[Callback] = ()) -> Train
     wandb = make_wandb_logger(cfg.logging, run_dir, config_to_dict(cfg))
     if wandb is not None:
         loggers.append(wandb)
-    callbacks: List[Callback] = [checkpoints, Throughput(peak_flops=t.peak_flops), DataCounters(), *extra_callbacks]
+    callbacks: List[Callback] = [checkpoints, Throughput(peak_flops=t.peak_flops), DataCounters(), FlushMetricRows(loggers[0]),
+                                 *extra_callbacks]
     callbacks.append(Preemption(run_dir))  # SIGUSR1/SIGTERM: checkpoint at the next step, requeue under Slurm
     if cfg.logging.progress:
         callbacks.append(ProgressDisplay(every=max(t.log_every_steps, 1)))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 from urllib.parse import urlparse
 
+from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -59,12 +60,28 @@ class JsonlLogger(Logger):
         self._row = {}
 
     @rank_zero_only
+    def flush(self) -> None:
+        """Write the buffered row now (its step and that step's validation are complete)."""
+        self._flush()
+
+    @rank_zero_only
     def save(self) -> None:
         pass  # a row is written once its step is complete (or at finalize)
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
         self._flush()
+
+
+class FlushMetricRows(Callback):
+    """Writes each step's row when the next step starts, before any collective of that step:
+    a rank killed after a checkpoint can no longer take the checkpointed step's row with it."""
+
+    def __init__(self, logger: JsonlLogger) -> None:
+        self.logger = logger
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.logger.flush()
 
 
 def drop_rows_after(path: Path, step: int) -> None:
