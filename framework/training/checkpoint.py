@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -211,15 +211,26 @@ class Checkpointing(Callback):
     part), keeps the newest ``keep_last``, and restores per-rank state on resume.
 
     ``info`` (strategy, world size, ZeRO stage) is recorded in each checkpoint; ``sharded``
-    says whether the strategy writes a directory of per-rank shards."""
+    says whether the strategy writes a directory of per-rank shards. ``before_commit`` runs on
+    every rank once the shards are written and before a mid-training checkpoint becomes
+    visible (it writes the step's metrics row: what a resume from this checkpoint will not redo)."""
 
-    def __init__(self, run_dir: Path, every_n_steps: int, keep_last: int, info: Dict[str, Any], sharded: bool) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        every_n_steps: int,
+        keep_last: int,
+        info: Dict[str, Any],
+        sharded: bool,
+        before_commit: Optional[Callable[[Trainer], None]] = None,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.dirpath = self.run_dir / CHECKPOINT_DIR
         self.every_n_steps = every_n_steps
         self.keep_last = keep_last
         self.info = dict(info)
         self.sharded = sharded
+        self.before_commit = before_commit
         self.last_saved_step: Optional[int] = None
         self._rank_state: Optional[Dict[str, Any]] = None
         self._rng_to_restore: Optional[Dict[str, Any]] = None
@@ -235,10 +246,11 @@ class Checkpointing(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The end state is always resumable (a longer run continues from it).
         if trainer.global_step > 0 and trainer.global_step != self.last_saved_step:
-            self.save(trainer, trainer.global_step)
+            self.save(trainer, trainer.global_step, mid_training=False)
 
-    def save(self, trainer: Trainer, step: int) -> Path:
-        """Write ``step-XXXXXXXX.ckpt`` atomically; every rank must call this."""
+    def save(self, trainer: Trainer, step: int, mid_training: bool = True) -> Path:
+        """Write ``step-XXXXXXXX.ckpt`` atomically; every rank must call this (from
+        ``on_train_batch_end`` unless ``mid_training`` is False)."""
         strategy = trainer.strategy
         final = self.dirpath / checkpoint_name(step)
         tmp = self.dirpath / f"{TMP_PREFIX}{final.name}"
@@ -253,6 +265,8 @@ class Checkpointing(Callback):
             if trainer.is_global_zero:
                 (tmp / INFO_FILE).write_text(json.dumps({**self.info, "step": step}, indent=1))
         self._rank_state = None
+        if mid_training and self.before_commit is not None:
+            self.before_commit(trainer)
         strategy.barrier("checkpoint-written")  # every shard is on disk before the rename
         if trainer.is_global_zero:
             commit(tmp, final)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from framework.config.load import config_to_dict, save_config
@@ -19,7 +20,13 @@ from framework.training.callbacks.preemption import Preemption
 from framework.training.callbacks.progress import ProgressDisplay
 from framework.training.callbacks.throughput import Throughput
 from framework.training.environment import check_launch_environment
-from framework.training.loggers import FlushMetricRows, JsonlLogger, drop_rows_after, make_wandb_logger
+from framework.training.loggers import (
+    FlushMetricRows,
+    JsonlLogger,
+    drop_rows_after,
+    make_wandb_logger,
+    write_row_before_checkpoint,
+)
 from framework.training.checkpoint import (  # noqa: F401 (checkpoint_step, newest_checkpoint: re-exported)
     CHECKPOINT_DIR,
     Checkpointing,
@@ -82,15 +89,19 @@ def build_trainer(cfg: RunConfig, extra_callbacks: List[Callback] = ()) -> Train
     t, run_dir = cfg.trainer, Path(cfg.run.dir)
     # auto with several devices is ddp: Lightning would pick ddp_spawn on CPU, which re-imports everything per rank
     strategy = build_strategy(cfg)
-    checkpoints = Checkpointing(
-        run_dir, t.checkpoint_every_steps, t.keep_last_checkpoints, run_info(cfg), sharded=is_sharded(strategy)
-    )
-    loggers = [JsonlLogger(run_dir / METRICS_FILE)]
+    jsonl = JsonlLogger(run_dir / METRICS_FILE)
+    loggers: List[Logger] = [jsonl]
     wandb = make_wandb_logger(cfg.logging, run_dir, config_to_dict(cfg))
     if wandb is not None:
         loggers.append(wandb)
-    callbacks: List[Callback] = [checkpoints, Throughput(peak_flops=t.peak_flops), DataCounters(), FlushMetricRows(loggers[0]),
-                                 *extra_callbacks]
+    checkpoints = Checkpointing(
+        run_dir, t.checkpoint_every_steps, t.keep_last_checkpoints, run_info(cfg), sharded=is_sharded(strategy),
+        before_commit=lambda trainer: write_row_before_checkpoint(trainer, jsonl),
+    )
+    # Checkpointing after the callbacks that log in on_train_batch_end: their metrics are in the
+    # row it writes before committing a checkpoint.
+    callbacks: List[Callback] = [Throughput(peak_flops=t.peak_flops), DataCounters(), FlushMetricRows(jsonl),
+                                 *extra_callbacks, checkpoints]
     callbacks.append(Preemption(run_dir))  # SIGUSR1/SIGTERM: checkpoint at the next step, requeue under Slurm
     if cfg.logging.progress:
         callbacks.append(ProgressDisplay(every=max(t.log_every_steps, 1)))

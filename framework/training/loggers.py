@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 from urllib.parse import urlparse
 
+from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -24,13 +25,17 @@ class JsonlLogger(Logger):
     """One JSON object per logged step: ``{"step": N, "<metric>": value, ...}``.
 
     ``step`` counts optimizer steps completed (Lightning hands loggers that count minus
-    one), so it matches checkpoint names. Metrics of the same step share one row."""
+    one), so it matches checkpoint names. Metrics of the same step share one row, except
+    metrics that arrive after the row was written early (at a checkpoint): those go on a
+    second row of that step, and values already written are not written again."""
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()
         self.path = Path(path)
         self._step: Optional[int] = None
         self._row: Dict[str, float] = {}
+        self._written_step: Optional[int] = None
+        self._written: Dict[str, float] = {}
 
     @property
     def name(self) -> str:
@@ -53,10 +58,15 @@ class JsonlLogger(Logger):
         self._row.update({k: float(v) for k, v in metrics.items() if k != "epoch"})
 
     def _flush(self) -> None:
+        if self._step is not None and self._step == self._written_step:
+            self._row = {k: v for k, v in self._row.items() if self._written.get(k) != v}
+        else:
+            self._written_step, self._written = self._step, {}
         if self._row and self._step is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": self._step, **self._row}) + "\n")
+            self._written.update(self._row)
         self._row = {}
 
     @rank_zero_only
@@ -82,6 +92,20 @@ class FlushMetricRows(Callback):
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self.logger.flush()
+
+
+def write_row_before_checkpoint(trainer: Any, logger: JsonlLogger) -> None:
+    """Writes the current step's row now, from inside ``on_train_batch_end``.
+
+    Lightning hands a step's metrics to loggers only after every ``on_train_batch_end``, and
+    checkpoints are committed in that hook: a rank killed between the two would take the
+    checkpointed step's row with it, and the resumed run starts after that step."""
+    connector = trainer._logger_connector  # no public API exposes the pending step metrics
+    if not connector.should_update_logs:
+        return
+    metrics = convert_tensors_to_scalars(connector.metrics["log"])  # on-step values: no collective
+    logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)  # as Lightning will
+    logger.flush()
 
 
 def drop_rows_after(path: Path, step: int) -> None:

@@ -16,9 +16,9 @@ from wandb_offline import history
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_fit(corpus, run_dir, *overrides, objective="gpt-tiny"):
+def run_fit(corpus, run_dir, *overrides, objective="gpt-tiny", launcher=("-m", "framework.cli")):
     command = [
-        sys.executable, "-m", "framework.cli", "fit", "--config", str(REPO / f"configs/experiments/{objective}.yaml"),
+        sys.executable, *launcher, "fit", "--config", str(REPO / f"configs/experiments/{objective}.yaml"),
         f"data.train={corpus['train']}", f"data.val={corpus['val']}", f"data.tokenizer={corpus['tokenizer']}",
         "data.seq_len=32", "data.batch_size=4", "data.num_workers=1", "model.dim=32", "model.depth=1", "model.heads=2",
         "trainer.devices=2", "trainer.val_every_steps=3", "trainer.val_batches=2", "trainer.checkpoint_every_steps=3",
@@ -26,7 +26,7 @@ def run_fit(corpus, run_dir, *overrides, objective="gpt-tiny"):
     ]
     env = {**os.environ, "WANDB_MODE": "offline"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, f"returncode {result.returncode}\n" + result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
 
@@ -72,6 +72,36 @@ def test_ddp_fit_checkpoints_resumes_and_logs(text_corpus, tmp_path):
     uninterrupted = torch.load(straight / "checkpoints/step-00000009.ckpt", weights_only=False)["state_dict"]
     for name, tensor in uninterrupted.items():
         assert torch.equal(tensor, resumed[name]), name
+
+
+KILL_AFTER_COMMIT = """
+import os, sys
+import framework.training.checkpoint as checkpoint
+from framework.cli import main
+
+commit = checkpoint.commit
+def commit_then_die(tmp, final):
+    commit(tmp, final)
+    if final.name == "step-00000003.ckpt":
+        os._exit(9)  # as a kill -9 right after the checkpoint became visible
+checkpoint.commit = commit_then_die
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_process_killed_right_after_a_checkpoint_keeps_that_steps_metrics(text_corpus, tmp_path):
+    run_dir, script = tmp_path / "run", tmp_path / "kill_after_commit.py"
+    script.write_text(KILL_AFTER_COMMIT)
+    overrides = ("trainer.devices=1", "logging.wandb=disabled")
+    with pytest.raises(AssertionError, match="returncode"):
+        run_fit(text_corpus, run_dir, "trainer.max_steps=6", *overrides, launcher=[str(script)])
+    assert (run_dir / "checkpoints/step-00000003.ckpt").exists()
+    assert [r["step"] for r in rows(run_dir) if "train/loss" in r] == [1, 2, 3]
+    run_fit(text_corpus, run_dir, "trainer.max_steps=6", *overrides)
+    logged = [r for r in rows(run_dir) if "train/loss" in r]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    assert all("perf/step_time_s" in r for r in logged), "a checkpoint step's row has every metric of its step"
 
 
 @pytest.mark.timeout(300)
