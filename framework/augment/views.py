@@ -1,4 +1,5 @@
-"""One augmented view of a batch: random resized crop, flip, colour jitter, grayscale, blur, solarize.
+"""One augmented view of a batch: random rotation/shear, resized crop, flip, colour jitter, grayscale,
+blur, solarize.
 
 Runs batched on whatever device the images are on (each sample draws its own parameters),
 so the data loader only decodes. Each objective declares its views as ``ViewConfig``s with
@@ -23,6 +24,9 @@ class ViewConfig:
     size: int = 0  # output side in pixels; 0 = data.image_size
     scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # crop area, fraction of the image
     ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # crop aspect ratio range
+    # Off in the papers' natural-image recipes; the variation of handwriting (digits, characters):
+    rotate: float = 0.0  # degrees: each image is rotated by a uniform angle in [-rotate, rotate]
+    shear: float = 0.0  # degrees: and sheared along x by a uniform angle in [-shear, shear]
     hflip: float = 0.5  # probability of a horizontal flip
     jitter: float = 0.8  # probability of colour jitter with the strengths below
     brightness: float = 0.4
@@ -51,6 +55,9 @@ def _check(cfg: ViewConfig, where: str) -> None:
             raise ConfigError(f"{where}.{key} must be [low, high] with 0 < low <= high, got {pair}")
     if cfg.scale[1] > 1.0:
         raise ConfigError(f"{where}.scale: a crop cannot exceed the image (high <= 1), got {list(cfg.scale)}")
+    for key in ("rotate", "shear"):
+        if not 0.0 <= getattr(cfg, key) < 90.0:
+            raise ConfigError(f"{where}.{key} is a maximum angle in degrees in [0, 90), got {getattr(cfg, key)}")
     if cfg.size < 0:
         raise ConfigError(f"{where}.size must be >= 0 (0 = data.image_size), got {cfg.size}")
 
@@ -65,9 +72,11 @@ class ViewAugment(nn.Module):
             raise ConfigError(f"data.channels must be 1 or 3, got {channels}")
         self.size = cfg.size or image_size
         color = channels == 3
-        ops: list[nn.Module] = [
-            K.RandomResizedCrop((self.size, self.size), scale=tuple(cfg.scale), ratio=tuple(cfg.ratio)),
-        ]
+        ops: list[nn.Module] = []
+        if cfg.rotate > 0 or cfg.shear > 0:
+            # before the crop, at the input's resolution; corners rotated in are black (0)
+            ops.append(K.RandomAffine(degrees=cfg.rotate, shear=(-cfg.shear, cfg.shear) if cfg.shear else None, p=1.0))
+        ops.append(K.RandomResizedCrop((self.size, self.size), scale=tuple(cfg.scale), ratio=tuple(cfg.ratio)))
         if cfg.hflip > 0:
             ops.append(K.RandomHorizontalFlip(p=cfg.hflip))
         if cfg.jitter > 0:

@@ -54,8 +54,30 @@ def test_multicrop_global_and_local_sizes(digit_shards):
     assert [tuple(v.shape) for v in views] == [(5, 1, 8, 8)] * 2 + [(5, 1, 4, 4)] * 3
 
 
+def _principal_angle(image: torch.Tensor) -> float:
+    """Degrees of the main axis of an image's mass, measured from the x axis."""
+    ys, xs = torch.meshgrid(torch.arange(image.shape[0]).float(), torch.arange(image.shape[1]).float(), indexing="ij")
+    w = image / image.sum()
+    mx, my = (w * xs).sum(), (w * ys).sum()
+    cxx, cyy, cxy = (w * (xs - mx) ** 2).sum(), (w * (ys - my) ** 2).sum(), (w * (xs - mx) * (ys - my)).sum()
+    return float(torch.rad2deg(0.5 * torch.atan2(2 * cxy, cxx - cyy)))
+
+
+def test_rotation_turns_each_sample_by_its_own_angle_within_the_limit():
+    torch.manual_seed(0)
+    bar = torch.zeros(1, 1, 33, 33)
+    bar[..., 15:18, 4:29] = 1.0  # a horizontal bar through the centre
+    cfg = ViewConfig(scale=[1.0, 1.0], ratio=[1.0, 1.0], hflip=0.0, jitter=0.0, grayscale=0.0, rotate=30.0)
+    views = ViewAugment(cfg, 1, 33)(bar.expand(64, -1, -1, -1).contiguous())
+    angles = [_principal_angle(v[0]) for v in views]
+    assert max(abs(a) for a in angles) <= 31.0, "no rotation beyond the configured limit"
+    assert max(angles) > 15.0 and min(angles) < -15.0, "both directions, per sample"
+    assert views.min() >= 0.0 and views.max() <= 1.0
+
+
 @pytest.mark.parametrize("bad,key", [(ViewConfig(hflip=1.5), "hflip"), (ViewConfig(scale=[0.5, 0.1]), "scale"),
-                                     (ViewConfig(scale=[0.5, 1.5]), "scale")])
+                                     (ViewConfig(scale=[0.5, 1.5]), "scale"), (ViewConfig(rotate=-5.0), "rotate"),
+                                     (ViewConfig(shear=90.0), "shear")])
 def test_bad_view_options_name_the_key(bad, key):
     with pytest.raises(ConfigError, match=rf"objective\.view\.{key}"):
         ViewAugment(bad, 3, 16, "objective.view")
