@@ -21,7 +21,6 @@ from framework.training.callbacks.progress import ProgressDisplay
 from framework.training.callbacks.throughput import Throughput
 from framework.training.environment import check_launch_environment
 from framework.training.loggers import (
-    FlushMetricRows,
     JsonlLogger,
     drop_rows_after,
     make_wandb_logger,
@@ -100,8 +99,7 @@ def build_trainer(cfg: RunConfig, extra_callbacks: List[Callback] = ()) -> Train
     )
     # Checkpointing after the callbacks that log in on_train_batch_end: their metrics are in the
     # row it writes before committing a checkpoint.
-    callbacks: List[Callback] = [Throughput(peak_flops=t.peak_flops), DataCounters(), FlushMetricRows(jsonl),
-                                 *extra_callbacks, checkpoints]
+    callbacks: List[Callback] = [Throughput(peak_flops=t.peak_flops), DataCounters(), *extra_callbacks, checkpoints]
     callbacks.append(Preemption(run_dir))  # SIGUSR1/SIGTERM: checkpoint at the next step, requeue under Slurm
     if cfg.logging.progress:
         callbacks.append(ProgressDisplay(every=max(t.log_every_steps, 1)))

@@ -11,7 +11,6 @@ from typing import Any, Dict, Mapping, Optional
 from urllib.parse import urlparse
 
 from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
-from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -71,7 +70,7 @@ class JsonlLogger(Logger):
 
     @rank_zero_only
     def flush(self) -> None:
-        """Write the buffered row now (its step and that step's validation are complete)."""
+        """Write the buffered row now."""
         self._flush()
 
     @rank_zero_only
@@ -81,17 +80,6 @@ class JsonlLogger(Logger):
     @rank_zero_only
     def finalize(self, status: str) -> None:
         self._flush()
-
-
-class FlushMetricRows(Callback):
-    """Writes each step's row when the next step starts, before any collective of that step:
-    a rank killed after a checkpoint can no longer take the checkpointed step's row with it."""
-
-    def __init__(self, logger: JsonlLogger) -> None:
-        self.logger = logger
-
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self.logger.flush()
 
 
 def write_row_before_checkpoint(trainer: Any, logger: JsonlLogger) -> None:
