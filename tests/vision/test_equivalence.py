@@ -67,6 +67,9 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         results = {method: step(method, rank, world) for method in CASES}
         if rank == 0:
             torch.save(results, out)
+        # both ranks past their last collective before either tears gloo down: a rank closing its
+        # pairs while the other still writes ranks.pt aborted (SIGABRT) about once in a few runs
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
