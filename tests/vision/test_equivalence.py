@@ -68,7 +68,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         if rank == 0:
             torch.save(results, out)
         # both ranks past their last collective before either tears gloo down: a rank closing its
-        # pairs while the other still writes ranks.pt aborted (SIGABRT) about once in a few runs
+        # pairs while the other still wrote ranks.pt aborted (SIGABRT) in one fresh-clone suite
         dist.barrier()
     finally:
         dist.destroy_process_group()
