@@ -167,14 +167,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import torch
 
     from framework import load_backbone
-    from framework.config.load import config_to_dict, load_config
+    from framework.config.load import load_config
     from framework.objectives.vision_common import build_backbone
 
     (x_train, y_train), (x_test, y_test) = split["train"], split["test"]
     rows: list[dict] = []
     raw = probe_accuracy(x_train.reshape(len(x_train), -1) / 255.0, y_train, x_test.reshape(len(x_test), -1) / 255.0, y_test)
     rows.append({"method": "raw pixels (64)", "acc": raw, "seconds": 0.0})
-    random_done: set[str] = set()  # architectures whose untrained baseline is in the table
+    random_done: set[str] = set()
     for method in methods:
         checkpoint, seconds = pretrain(method, args.overrides)
         cfg = load_config(str(WORK / method / "config.yaml"), [])
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         acc = probe_accuracy(embed(backbone, train_in), y_train, embed(backbone, test_in), y_test)
         rows.append({"method": f"{method} ({cfg.model.name}, {cfg.trainer.max_steps} steps)", "acc": acc, "seconds": seconds})
         print(f"[digits] {method}: probe accuracy {acc[0]:.4f} ± {acc[1]:.4f}  ({seconds:.0f} s)", flush=True)
-        architecture = repr(sorted(config_to_dict(cfg)["model"].items()))
+        architecture = repr(cfg.model)  # the dataclass repr lists every field
         if architecture not in random_done:  # the same architecture, untrained
             random_done.add(architecture)
             torch.manual_seed(SEED)
