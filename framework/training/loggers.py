@@ -142,11 +142,22 @@ def wandb_run_id(run_dir: Path) -> str:
     path = run_dir / WANDB_ID_FILE
     if not path.exists():
         run_dir.mkdir(parents=True, exist_ok=True)
+        # Ranks start together: write the id aside, then link it into place (atomic, and the
+        # first link wins), so no rank can read the file between its creation and its write.
+        draft = run_dir / f".{WANDB_ID_FILE}.{uuid.uuid4().hex}"
+        draft.write_text(uuid.uuid4().hex[:12])
         try:
-            with open(path, "x") as f:  # exclusive create: the first writer wins
-                f.write(uuid.uuid4().hex[:12])
+            os.link(draft, path)
         except FileExistsError:
             pass
+        except OSError:  # a file system without hard links: exclusive create, the first wins
+            try:
+                with open(path, "x") as f:
+                    f.write(draft.read_text())
+            except FileExistsError:
+                pass
+        finally:
+            draft.unlink()
     return path.read_text().strip()
 
 
