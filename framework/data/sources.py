@@ -146,7 +146,8 @@ def open_shard(url: str, offset: int = 0, cache: "Optional[ShardCache]" = None, 
                 return stream
             except ValueError:
                 pass  # no range requests: stream from the start and drop what precedes offset
-        stream = fsspec.open(url, "rb", block_size=0).open()  # sequential: one request per shard
+        # sequential: one request per shard
+        stream = _WholeReads(fsspec.open(url, "rb", block_size=0).open())
     elif zero_copy:
         return MappedShard(url.removeprefix("file://"), offset)
     else:
@@ -210,6 +211,37 @@ class MappedShard:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _WholeReads:
+    """An HTTP body read as a file: ``read(n)`` returns n bytes unless the body ends first.
+
+    fsspec's streaming HTTP file hands back whatever the socket has buffered, which on a slow
+    link is part of a tar header; the tar reader (and the cache's end-marker check) read whole
+    blocks, as every file object they otherwise meet gives them."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._stream.read(n)
+        if n < 0 or len(data) >= n or not data:
+            return data
+        pieces = [data]
+        missing = n - len(data)
+        while missing > 0 and (piece := self._stream.read(missing)):
+            pieces.append(piece)
+            missing -= len(piece)
+        return b"".join(pieces)
+
+    def __getattr__(self, name: str) -> Any:  # seek, tell, close: the stream's own
+        return getattr(self._stream, name)
+
+    def __enter__(self) -> "_WholeReads":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stream.close()
 
 
 class _PipeStream:

@@ -7,6 +7,7 @@ import functools
 import http.server
 import itertools
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -298,6 +299,8 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
 
     def do_GET(self):
         header = self.headers.get("Range")
+        if getattr(self.server, "trickle", False):
+            return self.send_in_pieces()
         if not self.server.ranges or not header:
             return super().do_GET()
         path = self.translate_path(self.path)
@@ -310,6 +313,17 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
         self.wfile.write(data[start : end + 1])
+
+    def send_in_pieces(self, piece: int = 317):
+        """A slow network: the body arrives in small pieces, not aligned with tar blocks."""
+        data = open(self.translate_path(self.path), "rb").read()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        for start in range(0, len(data), piece):
+            self.wfile.write(data[start : start + piece])
+            self.wfile.flush()
+            time.sleep(0.0005)
 
 
 @pytest.mark.parametrize("ranges", [True, False])
@@ -330,6 +344,25 @@ def test_http_sources_with_and_without_range_requests(uneven_shards, ranges):
         resumed = stream_of(remote, shuffle_buffer=0)
         resumed.load_state_dict(stream.state_dict())
         assert head + list(resumed.reader_items(0, 1)) == list(stream_of(remote, shuffle_buffer=0).reader_items(0, 1))
+    finally:
+        server.shutdown()
+
+
+def test_http_body_arriving_in_pieces_reads_whole_samples(uneven_shards, tmp_path):
+    from framework.data.cache import ShardCache
+
+    directory = uneven_shards[0].url.rsplit("/", 1)[0]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(RangeHandler, directory=directory))
+    server.ranges, server.trickle = False, True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        remote = [Shard(f"http://127.0.0.1:{port}/{s.url.rsplit('/', 1)[1]}", s.samples) for s in uneven_shards]
+        local = list(stream_of(uneven_shards, shuffle_buffer=0).reader_items(0, 1))
+        assert list(stream_of(remote, shuffle_buffer=0).reader_items(0, 1)) == local
+        cache = ShardCache(tmp_path / "cache", limit_bytes=10**9)
+        assert list(stream_of(remote, cache=cache, shuffle_buffer=0).reader_items(0, 1)) == local
+        assert len(list((tmp_path / "cache").glob("*.tar"))) == len(remote), "every shard read to its end was kept"
     finally:
         server.shutdown()
 
