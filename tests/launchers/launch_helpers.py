@@ -13,8 +13,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/experiments/gpt-tiny.yaml")
-STEPS = 40  # enough for a signal or a kill to land mid-run; a step takes well under a second
-EVERY = 4
+# A step takes ~0.02 s: 200 leave a signal or a kill seconds to land mid-run even when the
+# machine is loaded (at 40 the whole run after the first steps took under a second).
+STEPS = 200
+EVERY = 20
 
 
 def tiny(corpus: dict, run_dir: Path, steps: int = STEPS) -> List[str]:
@@ -59,7 +61,9 @@ def metric_steps(run_dir: Path) -> List[int]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip() and "train/loss" in line]
+    # Polled while a run appends: a last line without its newline may be half-written.
+    complete = path.read_text().split("\n")[:-1]
+    return [json.loads(line)["step"] for line in complete if line.strip() and "train/loss" in line]
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, every: float = 0.05) -> None:

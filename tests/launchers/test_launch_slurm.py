@@ -19,6 +19,7 @@ from wandb_offline import history
 from launch_helpers import CONFIG, REPO, STEPS, assert_same_weights, cli, final_weights, metric_steps, tiny, wait_for
 
 CLUSTER = REPO / "slurm" / "local-cluster.sh"
+SUBMITTED: list = []
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,16 @@ def slurm_cluster():
         pytest.skip(f"the local Slurm cluster cannot run here: {result.stderr.strip()}")
     assert result.returncode == 0, result.stdout + result.stderr
     yield
-    # left running: later sessions reuse it (slurm/local-cluster.sh stop ends it)
+    # a job a failed test left queued would hold the nodes: cancel what this module submitted
+    subprocess.run(["scancel", *SUBMITTED], capture_output=True)
+    # the cluster is left running: later sessions reuse it (slurm/local-cluster.sh stop ends it)
+
+
+def queued_jobs() -> set:
+    """Ids of the jobs in the queue (not the default listing: its TIME column ticks)."""
+    if shutil.which("squeue") is None:
+        return set()
+    return set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split())
 
 
 def job_state(job: str) -> dict:
@@ -61,6 +71,7 @@ def submit(corpus: dict, run_dir: Path, *overrides: str) -> str:
               "--max-requeues", "2", *tiny(corpus, run_dir), *overrides).stdout
     match = re.search(r"submitted job (\d+)", out)
     assert match, out
+    SUBMITTED.append(match.group(1))
     return match.group(1)
 
 
@@ -138,12 +149,12 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches(slurm_cluster, t
 
 
 def test_invalid_config_fails_at_submission(tmp_path, text_corpus):
-    before = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout if shutil.which("squeue") else ""
+    before = queued_jobs()
     run_dir = tmp_path / "invalid"
     result = cli("launch", "slurm", "--config", CONFIG, "--nodes", "2", *tiny(text_corpus, run_dir), "optim.lr=fast", check=False)
     assert result.returncode == 2 and "optim.lr" in result.stderr and "submitted" not in result.stdout
     result = cli("launch", "slurm", "--config", CONFIG, *tiny(text_corpus, run_dir), "trainer.max_steps=0", check=False)
     assert result.returncode == 2 and "trainer.max_steps" in result.stderr
     assert not (run_dir / "job.sbatch").exists(), "nothing written, nothing queued"
-    after = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout if shutil.which("squeue") else ""
+    after = queued_jobs()
     assert before == after

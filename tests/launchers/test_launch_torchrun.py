@@ -14,7 +14,7 @@ import pytest
 from framework.config.load import load_config
 from framework.errors import ConfigError
 from framework.training.environment import check_launch_environment
-from launch_helpers import CONFIG, EVERY, REPO, assert_same_weights, cli, env, final_weights, metric_steps, tiny, wait_for
+from launch_helpers import CONFIG, EVERY, REPO, STEPS, assert_same_weights, cli, env, final_weights, metric_steps, tiny, wait_for
 
 
 def test_dry_run_one_box_is_standalone(text_corpus, tmp_path):
@@ -75,7 +75,7 @@ def test_world_size_mismatch_is_a_clear_error(text_corpus, tmp_path):
 def test_two_torchrun_nodes_train_together(reference_run):
     outputs = reference_run["outputs"]
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in "".join(outputs) and "GLOBAL_RANK: 1, MEMBER: 2/2" in "".join(outputs)
-    assert metric_steps(reference_run["dir"]) == list(range(1, 41))
+    assert metric_steps(reference_run["dir"]) == list(range(1, STEPS + 1))
 
 
 @pytest.mark.timeout(400)
@@ -97,7 +97,7 @@ def test_kill_9_of_a_worker_restarts_the_group_and_resumes_exactly(text_corpus, 
         if agent.poll() is None:
             agent.kill()
     assert agent.returncode == 0, output[-4000:]
-    assert killed_at < 40, "the kill landed before the end"
+    assert killed_at < STEPS, "the kill landed before the end"
     assert "resuming from step-" in output, output[-4000:]
-    assert metric_steps(run_dir) == list(range(1, 41)), "every step logged once"
+    assert metric_steps(run_dir) == list(range(1, STEPS + 1)), "every step logged once"
     assert_same_weights(final_weights(run_dir), reference_run["weights"])
