@@ -77,7 +77,22 @@ def run_framework(args: argparse.Namespace) -> None:
     class Recorder(Callback):
         def __init__(self) -> None:
             self.step_ends: List[float] = []
+            self.inside: List[float] = []  # seconds in the optimizer step: forward, backward, clip, update
             self.record: Dict[str, Any] = {}
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            # The rest of a step (data, callbacks, logging, Lightning's loop) is what the framework
+            # adds; timed within one run, it does not depend on the machine's load as a
+            # comparison of two runs does.
+            optimizer_step = pl_module.optimizer_step
+
+            def timed(*args_: Any, **kwargs: Any) -> Any:
+                started = time.perf_counter()
+                result = optimizer_step(*args_, **kwargs)
+                self.inside.append(time.perf_counter() - started)
+                return result
+
+            pl_module.optimizer_step = timed
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.step_ends.append(time.perf_counter())
@@ -86,6 +101,7 @@ def run_framework(args: argparse.Namespace) -> None:
                     **rank_state_bytes(pl_module, trainer.optimizers[0]),
                     "peak_memory": peak_memory(pl_module.device),
                     "step_times": [b - a for a, b in zip(self.step_ends, self.step_ends[1:])][args.warmup - 1:],
+                    "inside_times": self.inside[args.warmup:],
                     "parameters": sum(p.numel() for p in pl_module.parameters()) if args.worker != "zero3" else None,
                 }
                 gather_to_file(self.record, Path(args.out))
@@ -206,7 +222,8 @@ def report(results: Dict[str, Dict[str, Any]], args: argparse.Namespace, spread:
           f"batch {args.batch_size} x {args.seq_len} tokens per rank; {WORLD} ranks on CPU (gloo, 1 thread each), fp32, AdamW")
     print(f"step time: median over steps {args.warmup + 1}..{args.steps}; state = parameters + optimizer state held by one rank")
     print()
-    header = f"{'strategy':<14}{'params/rank':>13}{'optim/rank':>13}{'state/rank':>13}{'vs ddp':>9}{'peak RSS/rank':>15}{'step (ms)':>11}{'vs plain':>10}"
+    header = (f"{'strategy':<14}{'params/rank':>13}{'optim/rank':>13}{'state/rank':>13}{'vs ddp':>9}{'peak RSS/rank':>15}"
+              f"{'step (ms)':>11}{'vs plain':>10}{'outside (ms)':>14}")
     print(header)
     print("-" * len(header))
     ddp_state = None
@@ -224,16 +241,27 @@ def report(results: Dict[str, Dict[str, Any]], args: argparse.Namespace, spread:
         label = "plain DDP loop" if name == "plain" else name
         ratio = f"{state / ddp_state:.2f}" if ddp_state else "-"
         overhead = f"{(step / plain_step - 1) * 100:+.1f}%" if plain_step else "-"
+        outside = "-"
+        if ranks[0].get("inside_times"):
+            extra = statistics.median(s - i for r in ranks for s, i in zip(r["step_times"], r["inside_times"]))
+            outside = f"{extra * 1000:.1f} {extra / step * 100:.1f}%"
         print(f"{label:<14}{params / mib:>10.1f} MiB{optim / mib:>9.1f} MiB{state / mib:>9.1f} MiB{ratio:>9}"
-              f"{peak / mib:>11.0f} MiB{step * 1000:>11.1f}{overhead:>10}")
+              f"{peak / mib:>11.0f} MiB{step * 1000:>11.1f}{overhead:>10}{outside:>14}")
     print()
     print("vs ddp: this rank's state over ddp's (goal for full sharding: 1/world = 0.50). ZeRO 1/2 keep full")
     print("parameters and shard the optimizer side (moments + an fp32 master copy of the rank's partition).")
     print("vs plain: step time over the hand-written loop's (the ddp row is the framework's overhead; the")
     print("others add their strategy's communication on top).")
+    print("outside: the median time of a step spent outside the optimizer step (forward, backward, clipping,")
+    print("update): the data, callbacks, logging and loop the framework adds, timed inside each run.")
     for name, medians in spread.items():
         if len(medians) > 1:
             print(f"{name}: medians of {len(medians)} runs: {', '.join(f'{m * 1000:.0f}' for m in medians)} ms (fastest kept)")
+    if len(spread.get("ddp", [])) > 1 and len(spread.get("plain", [])) > 1:
+        # Each ddp run follows a plain one: a pair shares the machine's load of its moment.
+        pairs = [d / p - 1 for p, d in zip(spread["plain"], spread["ddp"])]
+        print(f"ddp vs plain per alternating pair: {', '.join(f'{r * 100:+.1f}%' for r in pairs)}; "
+              f"median {statistics.median(pairs) * 100:+.1f}%")
 
 
 def main() -> None:
