@@ -22,7 +22,7 @@ from framework.config.schema import DataConfig
 from framework.data.cache import ShardCache
 from framework.data.plan import Segment, Sources, epoch_plan, plan_from_sequence
 from framework.data.sources import Shard, resolve_shards, resolve_sources, with_counts
-from framework.data.stream import COUNTERS, Processor, ShardStream, collate_arrays, to_checkpointable
+from framework.data.stream import COUNTERS, Processor, ShardStream, collate_arrays
 from framework.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class ResumableLoader(StatefulDataLoader):
         if world > 1:  # a collective: every rank is in dump_checkpoint at the same time
             states = [None] * world
             dist.all_gather_object(states, local)
-        return {"format": STATE_FORMAT, "world_size": world, "num_workers": self.num_workers, "ranks": to_checkpointable(states)}
+        return {"format": STATE_FORMAT, "world_size": world, "num_workers": self.num_workers, "ranks": states}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT:

@@ -24,7 +24,6 @@ from typing import Any, BinaryIO, Deque, Dict, Iterator, List, Optional, Protoco
 
 import numpy as np
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch.utils.data import IterableDataset, get_worker_info
 
 from framework.data.plan import EpochPlan, Segment, Sources, epoch_plan, plan_from_sequence, resampled_draw
@@ -58,19 +57,13 @@ class Processor(Protocol):
     def load_state_dict(self, state: Dict[str, Any]) -> None: ...
 
 
-def to_checkpointable(state: Any) -> Any:
-    """Numpy arrays anywhere in ``state`` as tensors: checkpoints are loaded with
-    ``torch.load(weights_only=True)``, which takes tensors and not numpy.
-
-    A stream's state stays numpy until it goes into a checkpoint: a dataloader worker sends
-    its state with every batch, and each tensor in it would cross to the main process as a
-    shared-memory file descriptor (one connection each: ~80 ms a batch for a text stream's
-    few hundred pending blocks), where a numpy array is pickled inline."""
-    return apply_to_collection(state, np.ndarray, torch.from_numpy)
+def _to_checkpointable(item: Any) -> Any:
+    # Checkpoints are loaded with torch.load(weights_only=True): tensors pass, numpy does not.
+    return torch.from_numpy(item) if isinstance(item, np.ndarray) else item
 
 
-def from_checkpointable(state: Any) -> Any:
-    return apply_to_collection(state, torch.Tensor, lambda t: t.numpy())
+def _from_checkpointable(item: Any) -> Any:
+    return item.numpy() if isinstance(item, torch.Tensor) else item
 
 
 Locator = Tuple[int, int, int]  # (shard number, sample index in the shard, byte offset)
@@ -151,7 +144,7 @@ class ShardStream(IterableDataset):
             **self._state,
             "counters": dict(self._counters),
             "buffer": [locator for locator, _, _ in self._buffer],
-            "pending": list(self._pending),
+            "pending": [_to_checkpointable(x) for x in self._pending],
             "last_good": self._last_good,
             "processor": self.processor.state_dict(),
             "rng": self._rng.getstate(),
@@ -174,7 +167,7 @@ class ShardStream(IterableDataset):
             self.elastic = {"epoch": state["epoch"], "remaining": [Segment(*t) for t in state["elastic_sequence"]]}
         self._counters = dict(state["counters"])
         self._last_good = tuple(state["last_good"]) if state["last_good"] is not None else None
-        self._pending = deque(from_checkpointable(list(state["pending"])))
+        self._pending = deque(_from_checkpointable(x) for x in state["pending"])
         self.processor.load_state_dict(state["processor"])
         self._rng.setstate(state["rng"])
         self._buffer = self._reread_all([tuple(locator) for locator in state["buffer"]])

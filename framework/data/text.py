@@ -9,11 +9,11 @@ import logging
 from typing import Any, Dict, List
 
 import numpy as np
+import torch
 from lightning.pytorch import LightningDataModule
 
 from framework.config.schema import DataConfig
 from framework.data.loader import ShardDataMixin, train_loader, val_loader
-from framework.data.stream import from_checkpointable
 from framework.data.tar import Sample
 from framework.errors import SampleError
 
@@ -54,10 +54,10 @@ class TokenPacker:
         return [tokens[start : start + self.block_len].astype(np.int64) for start in range(0, full, self.block_len)]
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"carry": self._carry.copy()}
+        return {"carry": torch.from_numpy(self._carry.copy())}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self._carry = np.asarray(from_checkpointable(state["carry"]), dtype=np.int32)
+        self._carry = np.asarray(state["carry"].numpy(), dtype=np.int32)
 
 
 class TextDataModule(ShardDataMixin, LightningDataModule):
