@@ -66,6 +66,28 @@ def _from_checkpointable(item: Any) -> Any:
     return item.numpy() if isinstance(item, torch.Tensor) else item
 
 
+def _pack_items(items: Sequence[Any]) -> Any:
+    """Items waiting in the stream, for its state: arrays of one shape and dtype (a text
+    stream's token blocks, a vision stream's images) as one stacked tensor.
+
+    A dataloader worker sends its state with every batch, and every tensor in it crosses to
+    the main process as a shared-memory file descriptor with a connection of its own: a few
+    hundred separate blocks cost ~80 ms a batch, one stacked tensor a fraction of a ms (and
+    the message stays small: numpy would be pickled into the worker's pipe)."""
+    first = items[0] if items else None
+    if isinstance(first, np.ndarray) and all(
+        isinstance(x, np.ndarray) and x.shape == first.shape and x.dtype == first.dtype for x in items
+    ):
+        return {"stacked": torch.from_numpy(np.stack(items))}
+    return [_to_checkpointable(x) for x in items]
+
+
+def _unpack_items(packed: Any) -> List[Any]:
+    if isinstance(packed, dict):
+        return list(packed["stacked"].numpy())
+    return [_from_checkpointable(x) for x in packed]
+
+
 Locator = Tuple[int, int, int]  # (shard number, sample index in the shard, byte offset)
 
 
@@ -144,7 +166,7 @@ class ShardStream(IterableDataset):
             **self._state,
             "counters": dict(self._counters),
             "buffer": [locator for locator, _, _ in self._buffer],
-            "pending": [_to_checkpointable(x) for x in self._pending],
+            "pending": _pack_items(self._pending),
             "last_good": self._last_good,
             "processor": self.processor.state_dict(),
             "rng": self._rng.getstate(),
@@ -167,7 +189,7 @@ class ShardStream(IterableDataset):
             self.elastic = {"epoch": state["epoch"], "remaining": [Segment(*t) for t in state["elastic_sequence"]]}
         self._counters = dict(state["counters"])
         self._last_good = tuple(state["last_good"]) if state["last_good"] is not None else None
-        self._pending = deque(_from_checkpointable(x) for x in state["pending"])
+        self._pending = deque(_unpack_items(state["pending"]))
         self.processor.load_state_dict(state["processor"])
         self._rng.setstate(state["rng"])
         self._buffer = self._reread_all([tuple(locator) for locator in state["buffer"]])

@@ -5,19 +5,21 @@ from __future__ import annotations
 import collections
 import functools
 import http.server
+import io
 import itertools
 import threading
 import time
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from conftest import KeyProcessor, write_shards
 from framework.data import stream as stream_module
-from framework.data.loader import STATE_FORMAT, ResumableLoader, elastic_remainder
+from framework.data.loader import STATE_FORMAT, ResumableLoader, elastic_remainder, worker_dataset_states
 from framework.data.plan import Sources, epoch_order, epoch_plan
 from framework.data.sources import Shard, count_samples, resolve_shards, with_counts
 from framework.data.stream import ShardStream, collate_arrays
@@ -142,8 +144,14 @@ def test_resumed_text_loader_continues_exactly(text_corpus, zero_copy):
     iterator = iter(first)
     for _ in range(17):
         next(iterator)
-    state = first.state_dict()
+    # A worker sends its state with every batch, and each tensor in it crosses as a file
+    # descriptor with a connection of its own: the waiting token blocks travel as one tensor.
+    workers = worker_dataset_states(first.local_state_dict(), 2)
+    assert all(isinstance(w["pending"], dict) and w["pending"]["stacked"].shape[1:] == (32,) for w in workers)
+    saved = io.BytesIO()
+    torch.save(first.state_dict(), saved)
     del iterator
+    state = torch.load(io.BytesIO(saved.getvalue()), weights_only=True)  # as a checkpoint is loaded
     resumed = loader()
     resumed.load_state_dict(state)
     for expected, got in zip(reference[17:], itertools.islice(iter(resumed), 13)):
