@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
-from typing import Any, BinaryIO, Deque, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Deque, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
