@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from typing import List, Optional
 
@@ -130,7 +131,7 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> None:
 
     path = train_tokenizer(
         args.input, args.output, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
-        include=args.include, max_bytes=args.max_bytes,
+        include=args.include, max_bytes=args.max_bytes, on_error=args.on_error,
     )
     print(f"wrote {path}")
 
@@ -143,13 +144,17 @@ def _cmd_data_inspect(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     processor = None
     if args.verify:
-        _, datamodule = objective_module(cfg.objective.name).build(cfg)
+        from framework.data.faults import silenced
+
+        with silenced():  # inspect lists every bad shard itself
+            _, datamodule = objective_module(cfg.objective.name).build(cfg)
         processor = datamodule.processor() if hasattr(datamodule, "processor") else None
     world = args.world_size or cfg.trainer.devices * cfg.trainer.num_nodes
     workers = cfg.data.num_workers if args.workers is None else args.workers
     summary = inspect_data(
         cfg.data.train, seed=cfg.run.seed, batch_size=cfg.data.batch_size, remainder=cfg.data.remainder,
         world_size=world, num_workers=workers, epochs=args.epochs, processor=processor, verify=args.verify, zero_copy=cfg.data.zero_copy,
+        on_error=cfg.data.on_error,
     )
     if summary["bad"] or summary["missing"] or summary["duplicates"]:
         raise SystemExit(1)
@@ -239,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--min-frequency", type=int, default=2)
     train.add_argument("--include", nargs="*")
     train.add_argument("--max-bytes", type=int, default=None, help="read at most this much text")
+    train.add_argument("--on-error", choices=["skip", "raise"], default="skip",
+                       help="a damaged shard or non-UTF-8 text: name and skip it (default), or stop")
     train.set_defaults(func=_cmd_tokenizer_train)
 
     data = sub.add_parser("data", help="look at a run's data before training").add_subparsers(dest="action", required=True)
@@ -266,6 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_message(exc: UserError) -> str:
+    """The error's own line. A DataLoader worker's exception reaches the main process re-raised
+    with the worker's traceback in its message; the user's line is the last one of it."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        text = re.sub(r"^[\w.]+: ", "", text.splitlines()[-1])
+    return text
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # dataloader workers fork after tokenizing
     framework_log = logging.getLogger("framework")
@@ -277,7 +293,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         args.func(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {user_message(exc)}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None

@@ -1,7 +1,8 @@
 """A local cache of remote shards with a size limit (``data.cache_dir``, ``data.cache_limit_gb``).
 
 A remote shard read from its start is copied to the cache as it streams (no second
-download) and kept only if the tar archive was read to its end; later epochs open the local
+download) and kept only if the tar archive was read to its end (the tar reader says so; a
+gzip-compressed shard is cached compressed, as it was sent); later epochs open the local
 copy, which can also seek. Beyond the size limit the least recently used files go.
 Several dataloader workers may share one cache: files appear by atomic rename.
 """
@@ -11,9 +12,6 @@ import hashlib
 import os
 from pathlib import Path
 from typing import Any, BinaryIO, Optional
-
-BLOCK = 512
-
 
 class ShardCache:
     def __init__(self, directory: str | Path, limit_bytes: int) -> None:
@@ -47,7 +45,7 @@ class ShardCache:
 
 class CachingReader:
     """Reads a remote stream and writes what it reads to ``<path>.<pid>.tmp``; on close the
-    copy becomes the cached shard if the archive's end (a zero block) was reached."""
+    copy becomes the cached shard if the tar reader reached the archive's end."""
 
     def __init__(self, stream: BinaryIO, cache: ShardCache, path: Path) -> None:
         self.stream, self.cache, self.path = stream, cache, path
@@ -58,9 +56,11 @@ class CachingReader:
     def read(self, n: int = -1) -> bytes:
         data = self.stream.read(n)
         self.copy.write(data)
-        if len(data) == BLOCK and data == b"\0" * BLOCK:
-            self.complete = True  # the tar end marker: what follows is padding
         return data
+
+    def archive_ended(self) -> None:
+        """Called by the tar reader at the archive's end: what follows is padding."""
+        self.complete = True
 
     def tell(self) -> int:
         return self.copy.tell()

@@ -18,10 +18,11 @@ import torch
 from lightning.pytorch import LightningDataModule
 
 from framework.config.schema import DataConfig
+from framework.data.faults import report_fault
 from framework.data.loader import ShardDataMixin, train_loader, val_loader
 from framework.data.manifest import read_manifest
 from framework.data.sources import Shard, is_remote, open_shard, resolve_shards
-from framework.data.tar import Sample, iter_samples
+from framework.data.tar import Sample, TarFormatError, iter_samples
 from framework.errors import ConfigError, DataError, SampleError
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
@@ -100,30 +101,35 @@ def collate_labelled(items: List[Any]) -> Dict[str, torch.Tensor]:
     }
 
 
-def image_facts(shards: List[Shard], key: str = "data.train") -> tuple[int, int]:
+def image_facts(shards: List[Shard], key: str = "data.train", on_error: str = "skip") -> tuple[int, int]:
     """(image side, channels) of a shard set: from the manifest the image writer leaves, else
-    from the first image. Used when ``data.image_size`` / ``data.channels`` are 0."""
+    from the first image that decodes (bad shards and images follow ``on_error``). Used when
+    ``data.image_size`` / ``data.channels`` are 0."""
     directory = Path(shards[0].url).parent if shards and not is_remote(shards[0].url) else None
     manifest = read_manifest(directory) if directory is not None and directory.is_dir() else None
     if manifest and manifest.get("image_size") and manifest.get("channels"):
         return int(manifest["image_size"]), int(manifest["channels"])
     from PIL import Image
 
-    for shard in shards[:1]:
-        with open_shard(shard.url) as stream:
-            for sample_key, sample, _ in iter_samples(stream, 0):
-                data = image_member(sample)
-                if data is None:
-                    continue
-                try:
-                    with Image.open(io.BytesIO(data)) as img:
-                        w, h = img.size
-                        channels = 1 if img.mode in ("1", "L", "I", "I;16", "F") else 3
-                except Exception as exc:
-                    raise DataError(f"{key}: cannot decode image {sample_key} in {shard.url}: {exc}") from exc
-                return min(w, h), channels
-    raise DataError(f"{key}: found no image sample (.png/.jpg) in {shards[0].url if shards else 'no shards'}; "
-                    "set data.image_size and data.channels, or check the shards")
+    for shard in shards:
+        try:
+            with open_shard(shard.url) as stream:
+                for sample_key, sample, _ in iter_samples(stream, 0):
+                    data = image_member(sample)
+                    if data is None:
+                        continue
+                    try:
+                        with Image.open(io.BytesIO(data)) as img:
+                            w, h = img.size
+                            channels = 1 if img.mode in ("1", "L", "I", "I;16", "F") else 3
+                    except Exception as exc:  # Pillow raises many types for corrupt files
+                        report_fault(f"{key}: shard {shard.url}, sample {sample_key}", f"cannot decode its image: {exc}", on_error)
+                        continue
+                    return min(w, h), channels
+        except (TarFormatError, OSError) as exc:
+            report_fault(f"{key}: shard {shard.url}", str(exc), on_error)
+    raise DataError(f"{key}: found no decodable image sample (.png/.jpg) in {len(shards)} shard(s) such as "
+                    f"{shards[0].url if shards else '(none)'}; set data.image_size and data.channels, or check the shards")
 
 
 class ImageDataModule(ShardDataMixin, LightningDataModule):
@@ -162,6 +168,6 @@ def resolve_image_facts(data: DataConfig) -> None:
         raise ConfigError(f"data.image_size must be >= 1 (or 0 to read it from the shards), got {data.image_size}")
     if data.image_size and data.channels:
         return
-    size, channels = image_facts(resolve_shards(data.train, "data.train"))
+    size, channels = image_facts(resolve_shards(data.train, "data.train"), "data.train", data.on_error)
     data.image_size = data.image_size or size
     data.channels = data.channels or channels

@@ -4,7 +4,8 @@ It uses the very functions training uses (``resolve_sources``, ``epoch_plan``) f
 world size and worker count, simulated in one process with no process group. With
 ``verify`` it reads every sample once, decodes it with the objective's own processor, and
 checks that the plan covers every key exactly once, up to what the remainder policy drops
-or repeats.
+or repeats. Bad shards and samples follow ``data.on_error`` as in training: ``skip`` names
+each on its own line and counts it in ``bad=``; ``raise`` stops at the first.
 """
 from __future__ import annotations
 
@@ -14,20 +15,27 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from rich.progress import Progress
 
 from framework.data.plan import epoch_plan
-from framework.data.sources import Shard, open_shard, resolve_sources, with_counts
+from framework.data.faults import report_fault
+from framework.data.sources import Shard, check_shards, open_shard, resolve_sources
 from framework.data.stream import Processor
 from framework.data.tar import TarFormatError, iter_samples
 from framework.errors import DataError, SampleError
 
 
-def scan_shards(shards: List[Shard], processor: Optional[Processor], report: Callable[[str], None], zero_copy: bool = False) -> Tuple[Dict[Tuple[int, int], str], List[str]]:
+def scan_shards(shards: List[Shard], processor: Optional[Processor], report: Callable[[str], None], zero_copy: bool = False,
+                on_error: str = "skip") -> Tuple[Dict[Tuple[int, int], str], List[str]]:
     """Read every sample: ({(shard, index): key}, [problems by name])."""
     keys: Dict[Tuple[int, int], str] = {}
     problems: List[str] = []
+
+    def problem(kind: str, where: str, reason: str) -> None:
+        report_fault(where, reason, on_error, announce=False)  # raise stops here; skip lists them all below
+        problems.append(f"{kind}: {where.split(' ', 1)[1]}: {reason}")
+
     with Progress(transient=True) as progress:
         task = progress.add_task("verifying shards", total=len(shards))
         for number, shard in enumerate(shards):
-            index = 0
+            index, shard_bad = 0, False
             try:
                 with open_shard(shard.url, zero_copy=zero_copy) as stream:
                     for key, sample, _ in iter_samples(stream):
@@ -37,14 +45,16 @@ def scan_shards(shards: List[Shard], processor: Optional[Processor], report: Cal
                             try:
                                 processor(key, sample, shard.url)
                             except SampleError as exc:
-                                problems.append(f"bad sample: {shard.url} {key}: {exc}")
+                                problem("bad sample", f"shard {shard.url}, sample {key}", str(exc))
             except (TarFormatError, OSError, DataError) as exc:
-                problems.append(f"bad shard: {shard.url} (after {index} samples): {exc}")
-            if shard.samples is not None and index < shard.samples and not any(shard.url in p for p in problems):
-                problems.append(f"bad shard: {shard.url} has {index} samples, its manifest says {shard.samples}")
+                shard_bad = True
+                if shard.fault is None:  # else planning named it already
+                    problem("bad shard", f"shard {shard.url}", f"{exc} (after {index} sound samples)")
+            if not shard_bad and shard.samples is not None and index < shard.samples:
+                problem("bad shard", f"shard {shard.url}", f"has {index} samples, its manifest says {shard.samples}")
             progress.advance(task)
-    for problem in problems:
-        report(problem)
+    for line in problems:
+        report(line)
     return keys, problems
 
 
@@ -60,17 +70,22 @@ def inspect_data(
     processor: Optional[Processor] = None,
     zero_copy: bool = False,
     verify: bool = False,
+    on_error: str = "skip",
     report: Callable[[str], None] = print,
 ) -> Dict[str, Any]:
     shards, ranges, weights = resolve_sources(spec, "data.train")
-    shards = with_counts(shards, on_error="skip")  # damaged shards are reported below, not fatal here
+    shards = check_shards(shards, on_error, announce=False)  # the planning training does; its faults are listed below
     readers = max(num_workers, 1)
     if processor is not None and not processor.one_to_one:
         remainder = "none"  # packed text: documents are split evenly, see ShardStream
     report(f"sources: {len(ranges)}; shards: {len(shards)}; samples: {sum(s.samples for s in shards)}")
     for (first, last), weight in zip(ranges, weights):
         report(f"  source shards {first}..{last - 1}: {sum(s.samples for s in shards[first:last])} samples, weight {weight}")
-    keys, problems = scan_shards(shards, processor, report, zero_copy) if verify else ({}, [])
+    planning = [f"bad shard: {s.url}: {s.fault} (found while counting its samples)" for s in shards if s.fault]
+    for line in planning:
+        report(line)
+    keys, problems = scan_shards(shards, processor, report, zero_copy, on_error) if verify else ({}, [])
+    problems = planning + problems
     summary: Dict[str, Any] = {}
     for epoch in range(epochs):
         plan = epoch_plan([s.samples for s in shards], seed, epoch, world_size, readers, batch_size, remainder)

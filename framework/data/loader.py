@@ -15,13 +15,15 @@ import logging
 from typing import Any, Callable, Dict, List, Optional
 
 import torch.distributed as dist
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from framework.config.schema import DataConfig
 from framework.data.cache import ShardCache
 from framework.data.plan import Segment, Sources, epoch_plan, plan_from_sequence
-from framework.data.sources import Shard, resolve_shards, resolve_sources, with_counts
+from framework.data.faults import ON_ERROR
+from framework.data.sources import Shard, check_shards, resolve_shards, resolve_sources, with_counts
 from framework.data.stream import COUNTERS, Processor, ShardStream, collate_arrays
 from framework.errors import DataError
 
@@ -127,7 +129,7 @@ def shard_cache(data: DataConfig) -> Optional[ShardCache]:
 
 def check_data_config(data: DataConfig, train_sources: int = 1) -> None:
     """Reject bad data options with a message naming the key (before any process starts)."""
-    choices = {"mode": ("epoch", "resampled"), "remainder": ("drop", "pad"), "on_error": ("skip", "raise")}
+    choices = {"mode": ("epoch", "resampled"), "remainder": ("drop", "pad"), "on_error": ON_ERROR}
     for key, allowed in choices.items():
         if getattr(data, key) not in allowed:
             raise DataError(f"data.{key} must be one of {', '.join(allowed)}, not {getattr(data, key)!r}")
@@ -151,7 +153,7 @@ def train_loader(
     """An endless, shuffled, resumable stream of ``data.batch_size`` batches for this rank
     (epoch after epoch, or resampled draws); the run's ``max_steps`` ends it."""
     if data.mode == "epoch":
-        shards = with_counts(shards, data.on_error)
+        shards = with_counts(shards, data.on_error, announce=rank == 0)
     stream = ShardStream(
         shards, processor, seed=seed, rank=rank, world_size=world_size, batch_size=data.batch_size,
         mode=data.mode, remainder=data.remainder, endless=True, shuffle_buffer=data.shuffle_buffer,
@@ -176,7 +178,7 @@ def val_loader(
 ) -> DataLoader:
     """One pass over held-out shards in a fixed order, every sample on exactly one rank."""
     stream = ShardStream(
-        with_counts(shards, data.on_error), processor, seed=seed, rank=rank, world_size=world_size, batch_size=1,
+        with_counts(shards, data.on_error, announce=rank == 0), processor, seed=seed, rank=rank, world_size=world_size, batch_size=1,
         mode="epoch", remainder="none", endless=False, on_error=data.on_error, cache=shard_cache(data),
         zero_copy=data.zero_copy,
     )
@@ -190,11 +192,15 @@ class ShardDataMixin:
     """What every modality's LightningDataModule shares: its shards and this rank's place."""
 
     def resolve_data(self, data: DataConfig) -> None:
-        """Sets ``train_shards``, ``sources`` (weighted source ranges) and ``val_shards``."""
-        self.train_shards, ranges, weights = resolve_sources(data.train, "data.train")
+        """Sets ``train_shards``, ``sources`` (weighted source ranges) and ``val_shards``,
+        planned (checked, and counted in epoch mode) under ``data.on_error`` before any
+        process starts; faults are announced by rank 0 alone."""
+        shards, ranges, weights = resolve_sources(data.train, "data.train")
         self.sources = Sources(tuple(ranges), tuple(weights))
         check_data_config(data, len(ranges))
-        self.val_shards = resolve_shards(data.val, "data.val") if data.val else []
+        announce = rank_zero_only.rank == 0
+        self.train_shards = check_shards(shards, data.on_error, data.mode == "epoch", "data.train", announce)
+        self.val_shards = check_shards(resolve_shards(data.val, "data.val"), data.on_error, True, "data.val", announce) if data.val else []
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer

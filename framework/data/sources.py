@@ -1,11 +1,14 @@
 """Resolve a shard spec from the config into shards, count their samples, open them.
 
-A spec is a string or a list. A string is a directory of ``.tar`` shards (its
-``manifest.json`` supplies per-shard sample counts), a ``.tar`` file, a brace pattern
+A spec is a string or a list. A string is a directory of ``.tar`` shards (or ``.tar.gz``,
+``.tgz``; its ``manifest.json`` supplies per-shard sample counts), a shard file, a brace pattern
 (``shards-{000000..000099}.tar``), a glob, or a URL: ``http(s)://``, ``s3://``, ``gs://``
 (any fsspec protocol) or ``pipe:<command writing the shard to stdout>``. A list may mix
 these, or hold sources with weights for resampled mode:
 ``[{shards: web/, weight: 0.7}, {shards: code/, weight: 0.3}]``.
+
+``check_shards`` is the planning step: shards are counted where no manifest gave counts,
+and those that are missing, empty or damaged follow ``data.on_error`` (framework/data/faults.py).
 """
 from __future__ import annotations
 
@@ -21,7 +24,10 @@ from typing import Any, BinaryIO, List, Optional, Tuple
 from braceexpand import braceexpand
 
 from framework.data.cache import ShardCache
+from framework.data.compressed import GZIP_MAGIC, SHARD_SUFFIXES, GzipStream, is_gzip_name
+from framework.data.faults import report_fault
 from framework.data.manifest import read_manifest
+from framework.data.tar import TarFormatError, iter_members, split_name
 from framework.errors import DataError
 
 # Reads larger than the buffer bypass it (one copy for big members); small members
@@ -34,23 +40,25 @@ log = logging.getLogger(__name__)
 class Shard:
     url: str
     samples: Optional[int] = None  # from the manifest, or counted
+    fault: Optional[str] = None  # why planning found it unusable (data.on_error=skip); samples then counts what precedes the damage
 
 
 def is_remote(url: str) -> bool:
     return "://" in url or url.startswith("pipe:")
 
 
+def _shard_files(directory: Path) -> List[Path]:
+    return sorted(p for suffix in SHARD_SUFFIXES for p in directory.glob(f"*{suffix}"))
+
+
 def _from_directory(directory: Path, key: str) -> List[Shard]:
     manifest = read_manifest(directory)
     if manifest is not None:
-        shards = [Shard(str(directory / s["path"]), int(s["samples"])) for s in manifest["shards"]]
-        missing = [s.url for s in shards if not os.path.exists(s.url)]
-        if missing:
-            raise DataError(f"{key}: {directory}/manifest.json lists shards that do not exist: {missing[:3]}")
-        return shards
-    tars = sorted(directory.glob("*.tar"))
+        # Listed shards that are missing are planning faults (see check_shards), not errors here.
+        return [Shard(str(directory / s["path"]), int(s["samples"])) for s in manifest["shards"]]
+    tars = _shard_files(directory)
     if not tars:
-        raise DataError(f"{key}: no .tar shards in directory {directory}")
+        raise DataError(f"{key}: no shards (*.tar, *.tar.gz, *.tgz) in directory {directory}")
     return [Shard(str(p)) for p in tars]
 
 
@@ -68,16 +76,6 @@ def _expand(item: str, key: str) -> List[Shard]:
             raise DataError(f"{key}: glob {item!r} matches no shard")
         return [Shard(p) for p in matches]
     return [Shard(str(path))]
-
-
-def _check_local(shards: List[Shard], key: str) -> None:
-    for shard in shards:
-        if is_remote(shard.url):
-            continue
-        if not os.path.exists(shard.url):
-            raise DataError(f"{key}: shard not found: {shard.url}")
-        if os.path.getsize(shard.url) == 0:
-            raise DataError(f"{key}: shard is empty (0 bytes): {shard.url}")
 
 
 def resolve_sources(spec: Any, key: str = "data.train") -> Tuple[List[Shard], List[Tuple[int, int]], List[float]]:
@@ -110,48 +108,69 @@ def resolve_sources(spec: Any, key: str = "data.train") -> Tuple[List[Shard], Li
         ranges.append((len(shards), len(shards) + len(plain)))
         weights.append(1.0)
         shards.extend(plain)
-    _check_local(shards, key)
+    local = [s.url for s in shards if not is_remote(s.url)]
+    if local and len(local) == len(shards) and not any(os.path.exists(url.removeprefix("file://")) for url in local):
+        # Not one shard exists: a wrong path, not a damaged corpus (one missing shard among
+        # many is a planning fault under data.on_error, see check_shards).
+        raise DataError(f"{key}: shard not found: {local[0]}" + (f" (nor any of the other {len(local) - 1})" if len(local) > 1 else ""))
     return shards, ranges, weights
 
 
 def resolve_shards(spec: Any, key: str = "data.train") -> List[Shard]:
-    """Expand ``spec`` into shards, checking that each local one exists and is not empty."""
+    """Expand ``spec`` into shards (see ``check_shards`` for what is checked in them)."""
     return resolve_sources(spec, key)[0]
 
 
 def open_shard(url: str, offset: int = 0, cache: "Optional[ShardCache]" = None, zero_copy: bool = False) -> BinaryIO:
-    """Open a shard for reading, positioned at byte ``offset``; remote shards go through
-    ``cache`` when one is given. With ``zero_copy`` a local (or cached) shard is memory-mapped
-    and the tar reader hands out its members as memoryviews of the mapping (see MappedShard)."""
+    """Open a shard for reading, positioned at byte ``offset`` of its tar stream; remote
+    shards go through ``cache`` when one is given. With ``zero_copy`` a local (or cached)
+    shard is memory-mapped and the tar reader hands out its members as memoryviews of the
+    mapping (see MappedShard). A gzip-compressed shard (``.tar.gz``, ``.tgz``; locally also
+    any name with gzip's magic bytes) is read decompressed, offsets counting decompressed
+    bytes (see framework/data/compressed.py): a resume inside it re-reads it up to ``offset``."""
     if cache is not None and is_remote(url):
         cached = cache.lookup(url)
         if cached is not None:
             return open_shard(str(cached), offset, zero_copy=zero_copy)
         if offset == 0:
-            return cache.tee(open_shard(url), url)
+            tee = cache.tee(_open_remote(url, 0), url)  # caches the bytes as they are (compressed)
+            return GzipStream(tee) if is_gzip_name(url) else tee
+    if is_remote(url):
+        if is_gzip_name(url):
+            return _positioned(GzipStream(_open_remote(url, 0)), offset)
+        return _open_remote(url, offset)
+    path = url.removeprefix("file://")
+    stream = open(path, "rb", buffering=_READ_BUFFER)
+    if os.pread(stream.fileno(), 2, 0) == GZIP_MAGIC:
+        return _positioned(GzipStream(stream), offset)
+    if zero_copy:
+        stream.close()
+        return MappedShard(path, offset)
+    return _positioned(stream, offset)
+
+
+def _open_remote(url: str, offset: int) -> BinaryIO:
     if url.startswith("pipe:"):
         process = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, bufsize=_READ_BUFFER)
         stream = _PipeStream(process, url)
         stream.discard(offset)
         return stream
-    if "://" in url and not url.startswith("file://"):
-        import fsspec
+    import fsspec
 
-        if offset:
-            try:  # a resume: seek with range requests (object stores and most servers have them)
-                stream = fsspec.open(url, "rb", block_size=_READ_BUFFER).open()
-                stream.seek(offset)
-                stream.read(1)
-                stream.seek(offset)
-                return stream
-            except ValueError:
-                pass  # no range requests: stream from the start and drop what precedes offset
-        # sequential: one request per shard
-        stream = _WholeReads(fsspec.open(url, "rb", block_size=0).open())
-    elif zero_copy:
-        return MappedShard(url.removeprefix("file://"), offset)
-    else:
-        stream = open(url.removeprefix("file://"), "rb", buffering=_READ_BUFFER)
+    if offset:
+        try:  # a resume: seek with range requests (object stores and most servers have them)
+            stream = fsspec.open(url, "rb", block_size=_READ_BUFFER).open()
+            stream.seek(offset)
+            stream.read(1)
+            stream.seek(offset)
+            return stream
+        except ValueError:
+            pass  # no range requests: stream from the start and drop what precedes offset
+    # sequential: one request per shard
+    return _positioned(_WholeReads(fsspec.open(url, "rb", block_size=0).open()), offset)
+
+
+def _positioned(stream: BinaryIO, offset: int) -> BinaryIO:
     if offset:
         try:
             stream.seek(offset)
@@ -185,6 +204,10 @@ class MappedShard:
             self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
         self._view = memoryview(self._map)
         self._position = min(offset, len(self._view))
+
+    @property
+    def size(self) -> int:
+        return len(self._view)
 
     def read(self, n: int = -1) -> bytes:
         return bytes(self.read_view(n))
@@ -269,42 +292,89 @@ class _PipeStream:
     def __enter__(self) -> "_PipeStream":
         return self
 
-    def __exit__(self, *_: Any) -> None:
+    def close(self) -> None:
         self.process.stdout.close()
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
 
+    def __exit__(self, *_: Any) -> None:
+        self.close()
 
-def count_samples(url: str, on_error: str = "raise") -> int:
-    """Count a shard's samples by reading its tar headers only. Under ``on_error="skip"`` a
-    damaged shard counts the samples before the damage, with a warning naming it."""
-    from framework.data.tar import TarFormatError, iter_members, split_name
 
-    count, key = 0, None
+def _count(url: str) -> Tuple[int, Optional[str]]:
+    """(samples, None) for a sound shard; (samples before the damage, reason) for a bad one.
+    Reads tar headers only, each validated (see tar.iter_members)."""
+    count, key, extensions = 0, None, set()
     try:
         with open_shard(url) as stream:
-            for name, _, _ in iter_members(stream, 0, read_data=False):
-                member_key = split_name(name)[0]
+            for name, _, offset in iter_members(stream, 0, read_data=False):
+                member_key, extension = split_name(name)
                 if member_key != key:
-                    count, key = count + 1, member_key
+                    count, key, extensions = count + 1, member_key, set()
+                elif extension in extensions:  # as iter_samples refuses it
+                    raise TarFormatError(f"member {name} at offset {offset} repeats a member of sample {key}")
+                extensions.add(extension)
+    except FileNotFoundError:
+        return 0, "shard not found"
     except (TarFormatError, OSError) as exc:
-        if on_error == "raise":
-            raise DataError(f"cannot count the samples of shard {url}: {exc}") from exc
-        log.warning("shard %s is damaged after %d samples (%s): counting those", url, max(count - 1, 0), exc)
-        return max(count - 1, 0)  # the last one may be cut short
+        return max(count - 1, 0), str(exc)  # the sample in progress may lack members: not counted
+    return count, None
+
+
+def count_samples(url: str, on_error: str = "raise") -> int:
+    """Count a shard's samples by reading its tar headers only. A damaged shard follows
+    ``on_error``: an error naming it, or a warning and the samples before the damage."""
+    count, fault = _count(url)
+    if fault is not None:
+        report_fault(f"shard {url}", fault, on_error)
     return count
 
 
-def with_counts(shards: List[Shard], on_error: str = "raise") -> List[Shard]:
-    """Shards with their sample counts, counting (headers only) where no manifest gave them."""
-    missing = [s for s in shards if s.samples is None]
-    if not missing:
-        return shards
-    remote = [s.url for s in missing if is_remote(s.url)]
-    if remote:
+def check_shards(shards: List[Shard], on_error: str = "raise", count: bool = True, key: str = "data.train",
+                 announce: bool = True) -> List[Shard]:
+    """The planning step: each shard checked, and counted (headers only) where no manifest
+    gave its sample count and ``count`` asks for one (epoch mode).
+
+    A shard that is missing, empty or not a sound tar follows ``on_error``: ``raise`` stops
+    with its name; ``skip`` logs it (when ``announce``: rank 0) and marks it with its
+    ``fault``, its count being the samples before the damage (the stream counts it in
+    ``data/skipped_shards``). Shards whose count came from a manifest are not opened here:
+    under ``skip`` the stream finds and counts their damage as it reads them (with the
+    samples lost); under ``raise`` each must at least exist and not be empty."""
+    remote = [s.url for s in shards if s.samples is None and is_remote(s.url)]
+    if count and remote:
         raise DataError(
             f"epoch mode needs sample counts, and remote shards without a manifest have none (e.g. {remote[0]}); "
             "write a manifest.json beside them or use data.mode=resampled"
         )
-    return [s if s.samples is not None else replace(s, samples=count_samples(s.url, on_error)) for s in shards]
+    checked: List[Shard] = []
+    for shard in shards:
+        fault = None
+        if is_remote(shard.url) or (shard.samples is not None and on_error != "raise"):
+            checked.append(shard)
+            continue
+        if shard.samples is None and count:
+            samples, fault = _count(shard.url)
+            shard = replace(shard, samples=samples)
+        else:
+            fault = _stat_fault(shard.url.removeprefix("file://"))
+        if fault is not None:
+            report_fault(f"shard {shard.url}", fault, on_error, announce)
+            shard = replace(shard, fault=fault)
+        checked.append(shard)
+    if all(s.fault is not None for s in checked) and not any(s.samples for s in checked):
+        raise DataError(f"{key}: none of its {len(checked)} shard(s) can be read ({checked[0].url}: {checked[0].fault})")
+    return checked
+
+
+def _stat_fault(path: str) -> Optional[str]:
+    try:
+        return "empty file (0 bytes)" if os.path.getsize(path) == 0 else None
+    except OSError:
+        return "shard not found"
+
+
+def with_counts(shards: List[Shard], on_error: str = "raise", announce: bool = True) -> List[Shard]:
+    """Shards with their sample counts (``check_shards`` for epoch mode)."""
+    return check_shards(shards, on_error, count=True, announce=announce)

@@ -10,14 +10,15 @@ samples consumed in it and the byte offset of the next one, the shuffle buffer a
 produced but not yet handed out, the processor's carry-over and the RNG. A resumed stream
 seeks to the saved offset: its cost does not grow with the position in the epoch.
 
-Faults (missing or truncated shard, undecodable sample) follow ``on_error``: ``raise``
-stops with the shard and key, ``skip`` warns, counts (``counters``) and — for one-item-
-per-sample processors — hands out a repeat of the last good sample instead, so every
-rank still yields exactly its planned number of batches and no collective hangs.
+Faults (a missing, empty, truncated or malformed shard, an undecodable sample) follow
+``on_error`` (framework/data/faults.py): ``raise`` stops with the shard and key, ``skip``
+warns once, counts (``counters``) and — for one-item-per-sample processors — hands out a
+repeat of the last good sample instead, so every rank still yields exactly its planned
+number of batches and no collective hangs. Shards that planning found bad (``Shard.fault``)
+are counted once per epoch, by rank 0's first worker.
 """
 from __future__ import annotations
 
-import logging
 import random
 from collections import deque
 from typing import Any, Deque, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
@@ -28,16 +29,19 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from framework.data.plan import EpochPlan, Segment, Sources, epoch_plan, plan_from_sequence, resampled_draw
 from framework.data.cache import ShardCache
+from framework.data.faults import ON_ERROR, report_fault
 from framework.data.sources import Shard, open_shard
 from framework.data.tar import Sample, TarFormatError, iter_samples, skip_samples
 from framework.errors import DataError, SampleError
 
-log = logging.getLogger(__name__)
-# read: samples read; skipped_*: faults under on_error=skip; repeated: handed out again to
-# keep batches equal after faults; policy_dropped / policy_repeated: what data.remainder
-# left out or padded in each epoch (counted once, by rank 0's first worker).
+# read: samples read; skipped_*: faults under on_error=skip (skipped_shards includes those
+# planning found bad); repeated: handed out again to keep batches equal after faults;
+# policy_dropped / policy_repeated: what data.remainder left out or padded in each epoch
+# (counted once, by rank 0's first worker).
 COUNTERS = ("read_samples", "skipped_samples", "skipped_shards", "repeated_samples", "policy_dropped", "policy_repeated")
 _POSITION_KEYS = ("epoch", "draw", "segment", "consumed", "offset", "yielded")
+# Resampled mode draws forever: this many draws in a row without one usable sample is an error.
+_MAX_BARREN_DRAWS = 1000
 
 
 class Processor(Protocol):
@@ -91,6 +95,38 @@ def _unpack_items(packed: Any) -> List[Any]:
 Locator = Tuple[int, int, int]  # (shard number, sample index in the shard, byte offset)
 
 
+class ReplayableRandom:
+    """The shuffle's uniform draws, with a state of two numbers: the seed and the draws since.
+
+    A stream's state is taken with every batch, and ``random.Random``'s is 625 numbers (9 us
+    to copy: a third of a microsecond per 1 KB text sample). Here a snapshot is free and a
+    restore replays the draws since the last ``reseed``; the stream reseeds at every segment
+    (a shard or part of one), so that is at most a few thousand draws."""
+
+    def __init__(self) -> None:
+        self.generator = random.Random()
+        self.seed_value, self.draws = 0, 0
+
+    def reseed(self, *key: int) -> None:
+        self.seed_value, self.draws = hash(key), 0
+        self.generator.seed(self.seed_value)
+
+    def pick(self, n: int) -> int:
+        """A uniform index below ``n`` (random() * n: randrange costs 5x as much)."""
+        self.draws += 1
+        return int(self.generator.random() * n)
+
+    def state(self) -> Tuple[int, int]:
+        return self.seed_value, self.draws
+
+    def restore(self, state: Tuple[int, int]) -> None:
+        self.seed_value, draws = state
+        self.generator.seed(self.seed_value)
+        for _ in range(draws):
+            self.generator.random()
+        self.draws = draws
+
+
 class ShardStream(IterableDataset):
     def __init__(
         self,
@@ -115,10 +151,12 @@ class ShardStream(IterableDataset):
             raise DataError("no shards to stream")
         if mode == "epoch" and any(s.samples is None for s in shards):
             raise DataError("epoch mode needs each shard's sample count (from manifest.json or counted first)")
-        if on_error not in ("skip", "raise"):
+        if on_error not in ON_ERROR:
             raise DataError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
         self.shards, self.processor = shards, processor
         self.counts = [s.samples for s in shards]
+        self._urls = [s.url for s in shards]
+        self.planning_faults = sum(s.fault is not None for s in shards)
         self.seed, self.rank, self.world_size, self.batch_size = seed, rank, world_size, batch_size
         # Documents packed into blocks give no fixed item count: aligning them to batches
         # would only drop data, so packing processors split the epoch evenly instead.
@@ -130,10 +168,14 @@ class ShardStream(IterableDataset):
         self.elastic: Optional[Dict[str, Any]] = None  # set by the loader on a resume at another world size
         self._state: Dict[str, Any] = dict.fromkeys(_POSITION_KEYS, 0)
         self._counters: Dict[str, int] = dict.fromkeys(COUNTERS, 0)
-        self._buffer: List[Tuple[Locator, str, Sample]] = []
+        # The shuffle buffer: raw samples and, in step, where each was read (its state is the
+        # locators alone, copied with every batch: a second list keeps that copy a C loop).
+        self._buffer: List[Tuple[str, Sample]] = []
+        self._buffer_locators: List[Locator] = []
         self._pending: Deque[Any] = deque()
         self._last_good: Optional[Locator] = None
-        self._rng = random.Random()
+        self._rng = ReplayableRandom()
+        self._worker = 0
         self._resume: Optional[Dict[str, Any]] = None
         self._started = False
         self._num_workers = 1
@@ -165,11 +207,11 @@ class ShardStream(IterableDataset):
             "fingerprint": self.fingerprint(self._num_workers),
             **self._state,
             "counters": dict(self._counters),
-            "buffer": [locator for locator, _, _ in self._buffer],
+            "buffer": list(self._buffer_locators),
             "pending": _pack_items(self._pending),
             "last_good": self._last_good,
             "processor": self.processor.state_dict(),
-            "rng": self._rng.getstate(),
+            "rng": self._rng.state(),
             # an elastic epoch's plan is not derivable from the seed: keep its sequence
             "elastic_sequence": [tuple(vars(s).values()) for s in self.elastic["remaining"]]
             if self.elastic and self.elastic["epoch"] == self._state["epoch"] else None,
@@ -191,8 +233,10 @@ class ShardStream(IterableDataset):
         self._last_good = tuple(state["last_good"]) if state["last_good"] is not None else None
         self._pending = deque(_unpack_items(state["pending"]))
         self.processor.load_state_dict(state["processor"])
-        self._rng.setstate(state["rng"])
-        self._buffer = self._reread_all([tuple(locator) for locator in state["buffer"]])
+        self._rng.restore(state["rng"])
+        entries = self._reread_all([tuple(locator) for locator in state["buffer"]])
+        self._buffer_locators = [locator for locator, _, _ in entries]
+        self._buffer = [(key, sample) for _, key, sample in entries]
 
     # -- iteration --------------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:
@@ -202,12 +246,12 @@ class ShardStream(IterableDataset):
     def reader_items(self, worker: int, num_workers: int) -> Iterator[Any]:
         """The items of dataloader worker ``worker`` of ``num_workers`` on this rank
         (``__iter__`` inside a worker; ``data inspect`` and tests simulate any reader)."""
-        self._num_workers = num_workers
+        self._num_workers, self._worker = num_workers, worker
         if self._resume is not None:
             state, self._resume = self._resume, None
             self._restore(state, self._num_workers)
         else:
-            self._rng.seed(hash((self.seed, self.rank, worker)))
+            self._rng.reseed(self.seed, self.rank, worker)
             if self.elastic is not None:
                 self._state["epoch"] = self.elastic["epoch"]
         self._started = True
@@ -228,12 +272,15 @@ class ShardStream(IterableDataset):
         if self.rank == 0 and worker == 0 and state["segment"] == 0 and state["consumed"] == 0:
             self._counters["policy_dropped"] += plan.dropped
             self._counters["policy_repeated"] += plan.repeated
+            self._counters["skipped_shards"] += self.planning_faults
         quota = reader.samples if self.processor.one_to_one and self.remainder != "none" else None
         while state["segment"] < len(reader.segments):
             yield from self._read_segment(reader.segments[state["segment"]])
             state.update(segment=state["segment"] + 1, consumed=0, offset=0)
         while self._buffer:  # the epoch ends with its own samples: drain the buffer
-            yield from self._emit(self._buffer.pop(self._rng.randrange(len(self._buffer))))
+            index = self._rng.pick(len(self._buffer))
+            key, sample = self._buffer.pop(index)
+            yield from self._hand_out(self._process(self._buffer_locators.pop(index), key, sample))
         yield from self._drain_pending(final=True)
         if quota is not None:
             while state["yielded"] < quota:  # faults cost samples: repeat one to keep batches equal
@@ -241,65 +288,119 @@ class ShardStream(IterableDataset):
 
     def _resampled(self, worker: int) -> Iterator[Any]:
         state = self._state
+        barren = 0  # draws in a row that gave nothing: all-bad data must not spin forever
         while True:
             segment = resampled_draw(self.sources, self.counts, self.seed, self.rank, worker, state["draw"])
+            yielded = state["yielded"]
             yield from self._read_segment(segment)
             state.update(draw=state["draw"] + 1, consumed=0, offset=0)
+            barren = barren + 1 if state["yielded"] == yielded else 0
+            if barren >= _MAX_BARREN_DRAWS:
+                raise DataError(
+                    f"rank {self.rank}: {barren} shard draws in a row gave no usable sample (the last: "
+                    f"{self.shards[segment.shard].url}); see the warnings above"
+                )
 
     def _read_segment(self, segment: Segment) -> Iterator[Any]:
-        for entry in self._segment_samples(segment):
-            yield from self._shuffle(entry)
-
-    def _segment_samples(self, segment: Segment) -> Iterator[Tuple[Locator, str, Sample]]:
-        """Raw samples of a segment from the saved position on; read faults end the segment."""
-        state = self._state
-        url = self.shards[segment.shard].url
+        """A segment's samples, from the saved position on, through the shuffle buffer and the
+        processor, handed out. The hot path of every stream: one loop, no generator per sample.
+        A read fault ends the segment (counted with the samples it costs, or raised)."""
+        state, counters, pending, rng = self._state, self._counters, self._pending, self._rng
+        buffer, locators, size, random = self._buffer, self._buffer_locators, self.shuffle_buffer, rng.generator.random
+        if state["consumed"] == 0:  # a fresh segment (a resume inside one restored the draws)
+            rng.reseed(self.seed, self.rank, self._worker, state["epoch"], state["segment"], state["draw"])
+        processor, one_to_one, urls = self.processor, self.processor.one_to_one, self._urls
+        direct = one_to_one or size <= 1  # items go out in order: no mixing in pending
+        shard, first = segment.shard, segment.start
+        url = urls[shard]
         bounded = segment.stop < (1 << 62)  # resampled draws of shards without counts are not
+        remaining = len(segment) - state["consumed"]
+        failure = None
         try:
-            with open_shard(url, state["offset"], self.cache, self.zero_copy) as stream:
-                offset = state["offset"]
-                if state["consumed"] == 0 and segment.start > 0:
-                    offset = skip_samples(stream, segment.start, offset)  # headers only, no data read
-                    state["offset"] = offset
-                samples = iter_samples(stream, offset)
-                while state["consumed"] < len(segment):
-                    entry = next(samples, None)
-                    if entry is None:
-                        if bounded:
-                            have = segment.start + state["consumed"]
-                            self._fault(url, None, f"has {have} samples, its manifest says at least {segment.stop}", True, len(segment) - state["consumed"])
-                        return
-                    key, sample, next_offset = entry
-                    locator = (segment.shard, segment.start + state["consumed"], offset)
-                    state.update(consumed=state["consumed"] + 1, offset=next_offset)
-                    offset = next_offset
-                    self._counters["read_samples"] += 1
-                    yield locator, key, sample
+            stream = open_shard(url, state["offset"], self.cache, self.zero_copy)
         except (TarFormatError, OSError) as exc:
-            self._fault(url, None, f"unreadable: {exc}", True, len(segment) - state["consumed"] if bounded else 0)
-        except DataError as exc:
-            self._fault(url, None, str(exc), True, len(segment) - state["consumed"] if bounded else 0)
-
-    def _shuffle(self, entry: Tuple[Locator, str, Sample]) -> Iterator[Any]:
-        if self.shuffle_buffer <= 1:
-            yield from self._emit(entry)
+            self._fault(url, None, f"unreadable: {exc}", remaining if bounded else 0, shard=segment.start == 0)
             return
-        self._buffer.append(entry)
-        if len(self._buffer) >= self.shuffle_buffer:
-            index = self._rng.randrange(len(self._buffer))
-            self._buffer[index], self._buffer[-1] = self._buffer[-1], self._buffer[index]
-            yield from self._emit(self._buffer.pop())
+        # A shard read by several readers counts once in skipped_shards: by the reader whose range
+        # holds the damage (a fault while skipping to one's range lies in an earlier reader's).
+        own_range = segment.start == 0 or state["consumed"] > 0
+        with stream:
+            offset = state["offset"]
+            reading = True  # an exception while reading is a fault of the shard; while processing, not
+            try:
+                if state["consumed"] == 0 and segment.start > 0:
+                    offset = state["offset"] = skip_samples(stream, segment.start, offset)  # headers only
+                    own_range = True
+                samples = iter_samples(stream, offset)
+                for key, sample, next_offset in samples if remaining > 0 else ():
+                    reading = False
+                    locator = (shard, first + state["consumed"], offset)
+                    state["consumed"] += 1
+                    state["offset"] = offset = next_offset
+                    counters["read_samples"] += 1
+                    remaining -= 1
+                    if size > 1:
+                        buffer.append((key, sample))
+                        locators.append(locator)
+                        if len(buffer) < size:
+                            reading = True
+                            if remaining:
+                                continue
+                            break
+                        # A uniform pick (rng.pick, inline), swapped with the last and popped: O(1).
+                        rng.draws += 1
+                        index = int(random() * len(buffer))
+                        buffer[index], buffer[-1] = buffer[-1], buffer[index]
+                        locators[index], locators[-1] = locators[-1], locators[index]
+                        key, sample = buffer.pop()
+                        locator = locators.pop()
+                    try:  # _process, inline: once per sample
+                        items = processor(key, sample, urls[locator[0]])
+                    except SampleError as exc:
+                        self._fault(urls[locator[0]], key, str(exc))
+                        items = ()
+                    else:
+                        if one_to_one:
+                            self._last_good = locator
+                    if direct and not pending and len(items) == 1:
+                        state["yielded"] += 1
+                        yield items[0]
+                    elif items:
+                        yield from self._hand_out(items)
+                    reading = True
+                    if not remaining:
+                        break
+            except (TarFormatError, OSError) as exc:
+                if not reading:
+                    raise
+                failure = f"unreadable: {exc}"
+            if remaining > 0 and bounded and failure is None:
+                failure = f"has {segment.start + state['consumed']} samples, its manifest says at least {segment.stop}"
+            elif remaining == 0:
+                if failure is None and segment.stop == self.counts[segment.shard]:
+                    try:
+                        extra = next(samples, None)
+                    except (TarFormatError, OSError):
+                        extra = None  # damage after the last counted sample costs no sample
+                    if extra is not None:
+                        # More samples than counted (a stale manifest, or a name damaged where tar
+                        # has no checksum, splitting a sample): free to check, the reader is at the end.
+                        remaining, failure = 1, f"has more samples than its manifest's {segment.stop}; the rest are not read"
+        if failure is not None:
+            self._fault(url, None, failure, remaining if bounded else 0, shard=own_range)
 
-    def _emit(self, entry: Tuple[Locator, str, Sample]) -> Iterator[Any]:
-        locator, key, sample = entry
-        url = self.shards[locator[0]].url
+    def _process(self, locator: Locator, key: str, sample: Sample) -> List[Any]:
+        """The processor's items for a sample; none (counted, or raised) when it cannot decode it."""
         try:
-            items = self.processor(key, sample, url)
+            items = self.processor(key, sample, self.shards[locator[0]].url)
         except SampleError as exc:
-            self._fault(url, key, str(exc))
-            return
+            self._fault(self.shards[locator[0]].url, key, str(exc))
+            return []
         if self.processor.one_to_one:
             self._last_good = locator
+        return items
+
+    def _hand_out(self, items: List[Any]) -> Iterator[Any]:
         self._pending.extend(items)
         yield from self._drain_pending()
 
@@ -310,7 +411,7 @@ class ShardStream(IterableDataset):
         mixing = not self.processor.one_to_one and self.shuffle_buffer > 1
         while self._pending and (final or not mixing or len(self._pending) >= self.shuffle_buffer):
             if mixing:
-                index = self._rng.randrange(len(self._pending))
+                index = self._rng.pick(len(self._pending))
                 self._pending[index], self._pending[-1] = self._pending[-1], self._pending[index]
                 item = self._pending.pop()
             else:
@@ -331,39 +432,42 @@ class ShardStream(IterableDataset):
         yield items[0]
 
     def _reread_all(self, locators: List[Locator]) -> List[Tuple[Locator, str, Sample]]:
-        """Re-read buffered samples: one open per shard, in offset order, any buffer order kept."""
+        """Re-read buffered samples: one open per shard, in offset order, any buffer order kept.
+        A sample that cannot be read again (its shard changed since the checkpoint) is a fault."""
         found: Dict[Locator, Tuple[Locator, str, Sample]] = {}
         by_shard: Dict[int, List[Locator]] = {}
         for locator in locators:
             by_shard.setdefault(locator[0], []).append(locator)
         for shard, wanted in by_shard.items():
+            url = self.shards[shard].url
             try:
-                with open_shard(self.shards[shard].url, 0, self.cache, self.zero_copy) as stream:
+                with open_shard(url, 0, self.cache, self.zero_copy) as stream:
                     for locator in sorted(wanted, key=lambda l: l[2]):
-                        stream.seek(locator[2])
-                        key, sample, _ = next(iter_samples(stream, locator[2]))
-                        found[locator] = (locator, key, sample)
-            except (OSError, ValueError):  # a stream that cannot seek: open at each offset
-                for locator in wanted:
-                    found[locator] = self._reread(locator)
-        return [found[locator] for locator in locators]
+                        try:
+                            stream.seek(locator[2])
+                        except (OSError, ValueError):  # a stream that cannot seek: open at each offset
+                            found.update((l, self._reread(l)) for l in wanted if l not in found)
+                            break
+                        found[locator] = self._sample_at(stream, locator)
+            except (TarFormatError, OSError, DataError, StopIteration) as exc:
+                lost = [l for l in wanted if l not in found]
+                self._fault(url, None, f"cannot re-read {len(lost)} buffered sample(s) saved in the checkpoint: {exc or 'no sample there'}", len(lost), shard=True)
+        return [found[locator] for locator in locators if locator in found]
 
     def _reread(self, locator: Locator) -> Tuple[Locator, str, Sample]:
-        shard, _, offset = locator
-        with open_shard(self.shards[shard].url, offset, self.cache, self.zero_copy) as stream:
-            key, sample, _ = next(iter_samples(stream, offset))
+        with open_shard(self.shards[locator[0]].url, locator[2], self.cache, self.zero_copy) as stream:
+            return self._sample_at(stream, locator)
+
+    @staticmethod
+    def _sample_at(stream: Any, locator: Locator) -> Tuple[Locator, str, Sample]:
+        key, sample, _ = next(iter_samples(stream, locator[2]))
         return locator, key, sample
 
-    def _fault(self, url: str, key: Optional[str], reason: str, shard_failed: bool = False, lost: int = 0) -> None:
-        where = f"shard {url}" + (f", sample {key}" if key else "")
-        if self.on_error == "raise":
-            raise DataError(f"{where}: {reason}")
-        if shard_failed:
-            self._counters["skipped_shards"] += 1
-            self._counters["skipped_samples"] += lost
-        else:
-            self._counters["skipped_samples"] += 1
-        log.warning("skipping %s: %s", where, reason)
+    def _fault(self, url: str, key: Optional[str], reason: str, lost: int = 1, shard: bool = False) -> None:
+        """Raise, or count ``lost`` samples (and the shard, once per damage) and warn once."""
+        report_fault(f"shard {url}" + (f", sample {key}" if key else ""), reason, self.on_error)
+        self._counters["skipped_shards"] += shard
+        self._counters["skipped_samples"] += lost
 
     @property
     def counters(self) -> Dict[str, int]:

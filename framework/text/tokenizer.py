@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import logging
 import os
-import tarfile
 from pathlib import Path
 from typing import Callable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from framework.data.compressed import SHARD_SUFFIXES
+from framework.data.faults import ON_ERROR, report_fault
 from framework.data.files import expand_inputs, file_progress, read_text_file
 from framework.data.manifest import MANIFEST_NAME
+from framework.data.sources import open_shard
+from framework.data.tar import TarFormatError, iter_samples
 from framework.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -25,31 +28,35 @@ _SPECIAL_KEYS = {"eos": "<|endoftext|>", "pad": "<|pad|>", "mask": "<|mask|>"}
 _BYTE_ALPHABET = 256
 
 
-def _is_shard_dir(path: Path) -> bool:
-    return path.is_dir() and any(p.is_file() for p in path.glob("*.tar"))
+def _is_shard(path: Path) -> bool:
+    return path.name.lower().endswith(SHARD_SUFFIXES)
+
+
+def _shard_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file() and _is_shard(p)) if directory.is_dir() else []
 
 
 def _collect_sources(inputs: list[str], include: list[str] | None) -> tuple[list[Path], list[Path]]:
     """Split inputs into (tar shards, raw text files).
 
-    A directory directly holding .tar files is a shard directory (its .tar files are read,
-    ``include`` does not apply); any other input goes through expand_inputs, where files
-    ending in .tar are read as shards too and a manifest next to shards is skipped.
+    A directory directly holding shards (.tar, .tar.gz, .tgz) is a shard directory (its shards
+    are read, ``include`` does not apply); any other input goes through expand_inputs, where
+    files with a shard's suffix are read as shards too and a manifest next to shards is skipped.
     """
     shards: list[Path] = []
     other: list[str] = []
     for raw in inputs:
         path = Path(os.path.expanduser(raw))
-        if _is_shard_dir(path):
-            shards.extend(Path(os.path.abspath(p)) for p in sorted(path.glob("*.tar")) if p.is_file())
+        if _shard_files(path):
+            shards.extend(Path(os.path.abspath(p)) for p in _shard_files(path))
         else:
             other.append(raw)
     raw_files: list[Path] = []
     if other or not shards:
         for path in expand_inputs(other, include):
-            if path.suffix == ".tar":
+            if _is_shard(path):
                 shards.append(path)
-            elif path.name == MANIFEST_NAME and any(path.parent.glob("*.tar")):
+            elif path.name == MANIFEST_NAME and _shard_files(path.parent):
                 continue  # shard metadata, not text
             else:
                 raw_files.append(path)
@@ -57,26 +64,28 @@ def _collect_sources(inputs: list[str], include: list[str] | None) -> tuple[list
     return sorted(set(shards)), raw_files
 
 
-def _shard_texts(path: Path) -> Iterator[tuple[str, int]]:
-    """Yield (text, byte count) of every ``*.txt`` member of a webdataset tar shard."""
+def _shard_texts(path: Path, on_error: str) -> Iterator[tuple[str, int]]:
+    """Yield (text, byte count) of every ``.txt`` member of a shard, with the tar reader and
+    fault policy that training uses: a damaged shard or a member that is not UTF-8 stops the
+    command under ``raise``, and is named and skipped under ``skip``."""
     found = 0
     try:
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
-                if not member.isfile() or not member.name.endswith(".txt"):
+        with open_shard(str(path)) as stream:
+            for key, sample, _ in iter_samples(stream):
+                data = sample.get("txt")
+                if data is None:
                     continue
-                f = tar.extractfile(member)
-                data = f.read() if f is not None else b""
                 try:
-                    text = data.decode("utf-8")
+                    text = str(data, "utf-8")
                 except UnicodeDecodeError as err:
-                    raise DataError(f"shard {path}: member {member.name} is not valid UTF-8 (offset {err.start})") from err
+                    report_fault(f"shard {path}, sample {key}", f"its .txt is not valid UTF-8 (byte {err.start})", on_error)
+                    continue
                 found += 1
                 yield text, len(data)
-    except (tarfile.TarError, EOFError, OSError) as err:
-        raise DataError(f"cannot read shard {path}: {err}") from err
+    except (TarFormatError, OSError) as err:
+        report_fault(f"shard {path}", str(err), on_error)
     if not found:
-        log.warning("shard %s has no .txt members; nothing read from it", path)
+        log.warning("shard %s has no readable .txt members; nothing read from it", path)
 
 
 class _CorpusStats:
@@ -87,13 +96,14 @@ class _CorpusStats:
 
 
 def _corpus(
-    shards: list[Path], raw_files: list[Path], max_bytes: int | None, stats: _CorpusStats, update: Callable[..., None]
+    shards: list[Path], raw_files: list[Path], max_bytes: int | None, stats: _CorpusStats, update: Callable[..., None],
+    on_error: str,
 ) -> Iterator[str]:
     """Yield documents until ``max_bytes`` have been read, updating stats and the progress bar."""
 
     def texts(source: Path) -> Iterator[tuple[str, int]]:
         if source in shard_set:
-            yield from _shard_texts(source)
+            yield from _shard_texts(source, on_error)
             return
         text, reason = read_text_file(source)
         if text is None:
@@ -122,13 +132,15 @@ def train_tokenizer(
     min_frequency: int = 2,
     include: list[str] | None = None,
     max_bytes: int | None = None,
+    on_error: str = "skip",
 ) -> Path:
     """Train a byte-level BPE tokenizer and save it as JSON at ``output``; returns the path.
 
     ``inputs`` are raw text files/directories/globs and/or webdataset .tar shards or
     directories of shards (their ``*.txt`` members are read). Special tokens get ids 0, 1, 2.
     ``max_bytes`` stops reading after that much text (sources are read in sorted order).
-    If ``output`` is an existing directory the file is ``output/tokenizer.json``.
+    If ``output`` is an existing directory the file is ``output/tokenizer.json``. Damaged
+    shards follow ``on_error`` as ``data.on_error`` does in training.
     """
     if vocab_size < _BYTE_ALPHABET + len(SPECIAL_TOKENS):
         raise ConfigError(f"vocab_size must be >= {_BYTE_ALPHABET + len(SPECIAL_TOKENS)} (256 bytes + special tokens), got {vocab_size}")
@@ -136,6 +148,8 @@ def train_tokenizer(
         raise ConfigError(f"min_frequency must be >= 1, got {min_frequency}")
     if max_bytes is not None and max_bytes < 1:
         raise ConfigError(f"max_bytes must be >= 1, got {max_bytes}")
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"on_error must be one of {', '.join(ON_ERROR)}, not {on_error!r}")
     target = Path(output)
     if target.is_dir():
         target = target / "tokenizer.json"
@@ -153,7 +167,7 @@ def train_tokenizer(
     )
     stats = _CorpusStats()
     with file_progress("reading text for tokenizer", total=len(shards) + len(raw_files)) as update:
-        tokenizer.train_from_iterator(_corpus(shards, raw_files, max_bytes, stats, update), trainer=trainer)
+        tokenizer.train_from_iterator(_corpus(shards, raw_files, max_bytes, stats, update, on_error), trainer=trainer)
     if stats.texts == 0:
         raise DataError(f"empty corpus: no text found in {', '.join(map(str, inputs))} ({stats.skipped} file(s) skipped)")
     if stats.skipped:

@@ -100,4 +100,5 @@ def test_truncated_or_empty_mapped_shard_is_an_error(tmp_path):
         list(iter_samples(open_shard(str(path), zero_copy=True)))
     empty = tmp_path / "empty.tar"
     empty.write_bytes(b"")
-    assert list(iter_samples(open_shard(str(empty), zero_copy=True))) == []
+    with pytest.raises(TarFormatError, match=r"not a tar archive: empty file \(0 bytes\)"):
+        list(iter_samples(open_shard(str(empty), zero_copy=True)))
