@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/streaming.py [--text-samples 150000] [--images 1500] [--workdir /tmp/bench-streaming]
 
-Writes ~150 MB of ~1 KB text samples and ~150 MB of ~100 KB JPEG images as tar shards, then
-measures in one process, side by side:
+Writes ~150 MB of ~1 KB text samples and ~150 MB of ~100 KB JPEG images as tar shards (and the
+text shards again gzip-compressed, .tar.gz), then measures in one process, side by side:
   (a) reading the tar bytes with no parsing (the ceiling),
   (b) a plain ``webdataset.WebDataset(...).decode()`` pipeline doing the same decode,
   (c) ``ShardStream`` with the global shuffle (buffer 1000), equal batches (epoch plan,
@@ -12,11 +12,13 @@ measures in one process, side by side:
   (z) the same stream with ``zero_copy`` (data.zero_copy): shards memory-mapped, members
       handed out as memoryviews, no copy per sample (undecoded data only).
 Decodes: text -> UTF-8 str; images -> PIL -> uint8 array; "raw" -> the bytes untouched.
-Also the time to resume at 90% of an epoch vs at its start.
+Also the time to resume at 90% of an epoch vs at its start, and inside a gzip shard (which is
+re-decompressed up to the saved position: its cost grows with the position in the shard).
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import io
 import itertools
 import os
@@ -51,6 +53,16 @@ def write_shards(directory: Path, prefix: str, samples, per_shard: int) -> list[
         count += len(batch)
         batch = list(itertools.islice(samples, per_shard))
     return shards
+
+
+def gzip_shards(shards: list[Shard]) -> list[Shard]:
+    packed = []
+    for shard in shards:
+        target = Path(shard.url).with_suffix(".tar.gz")
+        if not target.exists():
+            target.write_bytes(gzip.compress(Path(shard.url).read_bytes(), compresslevel=6))
+        packed.append(Shard(str(target), shard.samples))
+    return packed
 
 
 def text_samples(n: int):
@@ -152,7 +164,9 @@ def main() -> None:
     print("writing shards (kept in", work, "for the next run) ...", flush=True)
     text = write_shards(work / "text", "text", text_samples(args.text_samples), 10_000)
     images = write_shards(work / "images", "img", image_samples(args.images), 100)
-    datasets = {"text ~1KB": (text, "text"), "images ~100KB": (images, "image"), "images undecoded": (images, "raw")}
+    text_gz = gzip_shards(text)
+    datasets = {"text ~1KB": (text, "text"), "text ~1KB .tar.gz": (text_gz, "text"), "images ~100KB": (images, "image"),
+                "images undecoded": (images, "raw")}
     print(f"\n{'data':18} {'reader':28} {'samples/s':>12} {'MB/s':>9}   (best of {args.rounds} alternating rounds)")
     results = {}
     for name, (shards, kind) in datasets.items():
@@ -174,15 +188,23 @@ def main() -> None:
             print(f"{name:18} {label:28} {best[label][0]:12,.0f} {best[label][1]:9.1f}", flush=True)
     print()
     print(f"text:   (c)/(b) = {results['text ~1KB', '(c)'][0] / results['text ~1KB', '(b)'][0]:.2f}  (goal >= 3)")
+    print(f"text .tar.gz: (c)/(b) = {results['text ~1KB .tar.gz', '(c)'][0] / results['text ~1KB .tar.gz', '(b)'][0]:.2f}; "
+          f"gzip costs the stream {1 - results['text ~1KB .tar.gz', '(c)'][0] / results['text ~1KB', '(c)'][0]:.0%} of its plain-tar rate")
     print(f"images: (c)/(b) = {results['images ~100KB', '(c)'][0] / results['images ~100KB', '(b)'][0]:.2f}  (goal >= 1)")
     for label, reader in (("(c)", "default: bytes"), ("(z)", "data.zero_copy: memoryviews")):
         ratio = results["images undecoded", label][1] / results["images undecoded", "(a)"][1]
         print(f"undecoded images: {label}/(a) in MB/s = {ratio:.2f}  (goal >= 0.8; {reader})")
-    for name, shards, kind in (("text", text, "text"), ("images", images, "raw")):
+    for name, shards, kind in (("text", text, "text"), ("text .tar.gz", text_gz, "text"), ("images", images, "raw")):
         times = {f: min(resume_time(shards, kind, f) for _ in range(args.rounds)) for f in (0.0, 0.1, 0.9)}
         print(f"resume ({name}): at the start {times[0.0] * 1000:.1f} ms, at 10% {times[0.1] * 1000:.1f} ms, "
               f"at 90% of the epoch {times[0.9] * 1000:.1f} ms  (goal: the same within noise; a resume re-reads the "
               f"shuffle buffer's samples, as a fresh start fills it)")
+    one = text_gz[:1]  # one shard: a resume inside it decompresses up to the saved position
+    megabytes = os.path.getsize(text[0].url) / 2**20
+    times = {f: min(resume_time(one, "text", f) for _ in range(args.rounds)) for f in (0.0, 0.5, 0.9)}
+    print(f"resume inside one .tar.gz shard ({megabytes:.0f} MB decompressed): at its start {times[0.0] * 1000:.1f} ms, "
+          f"at 50% {times[0.5] * 1000:.1f} ms, at 90% {times[0.9] * 1000:.1f} ms "
+          f"(re-decompressing ~{0.9 * megabytes / max(times[0.9] - times[0.0], 1e-9):.0f} MB/s)")
 
 
 if __name__ == "__main__":
