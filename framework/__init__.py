@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["load_backbone"]
+__all__ = ["load_backbone", "load_clip", "load_text_tower"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: `import framework` stays cheap (the CLI imports it before parsing arguments).
-    if name == "load_backbone":
-        from framework.evaluate.backbone import load_backbone
+    if name in __all__:
+        from framework.evaluate import backbone
 
-        return load_backbone
+        return getattr(backbone, name)
     raise AttributeError(f"module 'framework' has no attribute {name!r}")

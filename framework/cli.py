@@ -160,6 +160,47 @@ def _cmd_data_inspect(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+_EVAL_KEYS = {"data.val": str, "data.batch_size": int, "data.on_error": str}
+
+
+def _eval_options(overrides: List[str]) -> dict:
+    from framework.errors import ConfigError
+
+    options = {"data.batch_size": 256, "data.on_error": "skip"}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in _EVAL_KEYS:
+            raise ConfigError(f"command line: unknown option {item!r} (known: {', '.join(f'{k}=...' for k in _EVAL_KEYS)})")
+        try:
+            options[key] = _EVAL_KEYS[key](value)
+        except ValueError:
+            raise ConfigError(f"command line: {key} must be {_EVAL_KEYS[key].__name__}, not {value!r}") from None
+    if "data.val" not in options:
+        raise ConfigError("data.val=<shards> is required: the labelled images or pairs to evaluate on")
+    if options["data.on_error"] not in ("skip", "raise"):
+        raise ConfigError(f"data.on_error must be skip or raise, not {options['data.on_error']!r}")
+    return options
+
+
+def _cmd_eval_zeroshot(args: argparse.Namespace) -> None:
+    from framework.evaluate.zeroshot import evaluate_zeroshot, read_names
+
+    options = _eval_options(args.overrides)
+    result = evaluate_zeroshot(args.checkpoint, options["data.val"], read_names(args.classes, "classes"),
+                               read_names(args.templates, "templates"), options["data.batch_size"], options["data.on_error"])
+    print(f"zero-shot on {result['samples']} images: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}")
+
+
+def _cmd_eval_retrieval(args: argparse.Namespace) -> None:
+    from framework.evaluate.zeroshot import evaluate_retrieval
+
+    options = _eval_options(args.overrides)
+    result = evaluate_retrieval(args.checkpoint, options["data.val"], options["data.batch_size"], options["data.on_error"])
+    print(f"retrieval over {result['pairs']} pairs:")
+    for direction, name in (("i2t", "image -> text"), ("t2i", "text -> image")):
+        print(f"  {name}: " + "  ".join(f"R@{k} {result[f'{direction}_r{k}']:.4f}" for k in (1, 5, 10)))
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from framework.demo import run_text_demo
 
@@ -257,6 +298,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--verify", action="store_true", help="read and decode every sample, report bad ones by name")
     inspect.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.train=shards/")
     inspect.set_defaults(func=_cmd_data_inspect)
+
+    evaluate = sub.add_parser("eval", help="evaluate a pretrained checkpoint").add_subparsers(dest="mode", required=True)
+    zeroshot = evaluate.add_parser("zeroshot", help="CLIP: classify labelled images by prompts, no training")
+    zeroshot.add_argument("--checkpoint", required=True, help="a clip run's checkpoint or run directory")
+    zeroshot.add_argument("--classes", required=True, help="class names in label order: a file (one per line) or a,b,c")
+    zeroshot.add_argument("--templates", default="a photo of a {}.",
+                          help="prompt templates with {}: a file (one per line) or 'a {}.|a photo of {}.'")
+    zeroshot.add_argument("overrides", nargs="*", help="data.val=<labelled image or pair shards> [data.batch_size=256] [data.on_error=skip]")
+    zeroshot.set_defaults(func=_cmd_eval_zeroshot)
+    retrieval = evaluate.add_parser("retrieval", help="CLIP: image <-> text recall@1/5/10 on pair shards")
+    retrieval.add_argument("--checkpoint", required=True, help="a clip run's checkpoint or run directory")
+    retrieval.add_argument("overrides", nargs="*", help="data.val=<pair shards> [data.batch_size=256] [data.on_error=skip]")
+    retrieval.set_defaults(func=_cmd_eval_retrieval)
 
     launch = sub.add_parser("launch", help="start `fit` on many processes: torchrun (one box or several) or Slurm")
     how = launch.add_subparsers(dest="launcher", required=True)

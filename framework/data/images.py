@@ -55,6 +55,20 @@ def image_member(sample: Sample) -> Optional[bytes]:
     return None
 
 
+def sample_label(sample: Sample) -> int:
+    """A sample's class: its ``cls`` member (image shards), else an integer ``label`` field of its
+    ``json`` member (pair shards keep a list file's extra columns there); -1 when it has none."""
+    if LABEL_EXT in sample:
+        return int(str(sample[LABEL_EXT], "ascii").strip())
+    if "json" in sample:
+        import json
+
+        label = json.loads(str(sample["json"], "utf-8")).get("label")
+        if isinstance(label, int) and not isinstance(label, bool):
+            return label
+    return -1
+
+
 def key_id(key: str) -> int:
     """A stable 62-bit id of a sample key (the same in every process and run)."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 2
@@ -78,7 +92,7 @@ class ImageDecoder:
             raise SampleError(f"no image member (.{', .'.join(IMAGE_EXTS)}) in {sorted(sample)}")
         try:
             image = decode_image(data, self.channels, self.size)
-            label = int(str(sample[LABEL_EXT], "ascii").strip()) if LABEL_EXT in sample else -1
+            label = sample_label(sample)
         except Exception as exc:  # Pillow raises many types for corrupt files; the stream's on_error decides
             raise SampleError(f"cannot decode image: {exc}") from None
         if not self.with_labels:

@@ -54,12 +54,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, dim = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=dropout)
+        else:  # (B, 1, T|1, T) booleans, True = may attend; causality already folded in
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
 
 
@@ -74,8 +79,9 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rotary)
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rotary, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -115,7 +121,9 @@ class Transformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``valid`` (B, T) booleans, False at padding: no position attends to padding then
+        (a bidirectional model would otherwise mix it into every token)."""
         length = tokens.shape[1]
         if length > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {length} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
@@ -126,8 +134,13 @@ class Transformer(nn.Module):
         else:
             rotary = (self.rope_cos, self.rope_sin)
         x = self.drop(x)
+        mask = None
+        if valid is not None:
+            mask = valid[:, None, None, :].bool()  # keys
+            if self.causal:
+                mask = mask & torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()
         for block in self.blocks:
-            x = block(x, rotary)
+            x = block(x, rotary, mask)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

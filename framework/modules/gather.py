@@ -55,6 +55,36 @@ class _AllReduce(torch.autograd.Function):
         return grad
 
 
+class _RingShift(torch.autograd.Function):
+    """Forward: send to the next rank, receive from the previous. Backward: the reverse, so a
+    gradient returns to the rank that owns the tensor (SigLIP's neighbour exchange)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return _exchange(x.contiguous(), +1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return _exchange(grad.contiguous(), -1)
+
+
+def _exchange(x: torch.Tensor, direction: int) -> torch.Tensor:
+    world, me = dist.get_world_size(), dist.get_rank()
+    received = torch.empty_like(x)
+    ops = [dist.P2POp(dist.isend, x, (me + direction) % world), dist.P2POp(dist.irecv, received, (me - direction) % world)]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return received
+
+
+def ring_shift_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """The previous rank's ``x`` (rank r gets rank r-1's), differentiable; one peer-to-peer
+    exchange, so a rank never holds more than two ranks' tensors at once."""
+    if world_size() == 1:
+        return x
+    return _RingShift.apply(x)
+
+
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` (same shape on every rank) from all ranks along dim 0, rank order."""
     if world_size() == 1:

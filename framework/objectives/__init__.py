@@ -17,6 +17,7 @@ OBJECTIVES = {
     "dino": "framework.objectives.dino",
     "mae": "framework.objectives.mae",
     "beit": "framework.objectives.beit",
+    "clip": "framework.objectives.clip",
 }
 
 

@@ -166,14 +166,9 @@ class Objective(VisionObjectiveHooks, LightningModule):
 
 def resolve_teacher(path: str) -> str:
     """A run directory stands for its newest checkpoint; a checkpoint file or directory for itself."""
-    from framework.training.checkpoint import CHECKPOINT_DIR, newest_checkpoint
+    from framework.evaluate.backbone import resolve_checkpoint
 
-    if (Path(path) / CHECKPOINT_DIR).is_dir():
-        newest = newest_checkpoint(Path(path))
-        if newest is None:
-            raise ConfigError(f"objective.teacher: run directory {path} has no checkpoint yet")
-        return str(newest)
-    return path
+    return str(resolve_checkpoint(path, "objective.teacher"))
 
 
 def load_teacher(path: Optional[str], channels: int) -> tuple[nn.Module, int]:

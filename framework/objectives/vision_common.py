@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from lightning.pytorch import LightningModule
@@ -91,22 +92,22 @@ def log_val_loss(module: LightningModule, metric: MeanMetric) -> None:
         module.log("val/loss", loss, rank_zero_only=True)
 
 
-def count_flops(module: LightningModule, batch: torch.Tensor) -> float:
-    """3 x forward FLOPs per sample of one training step (for the throughput callback's MFU),
-    leaving no trace: a training step changes buffers (BatchNorm statistics, DINO's centre,
-    BEiT's codebook) which a stopped-and-resumed run would otherwise count twice. Buffers are
-    restored and the RNG is untouched. Every rank calls it (it may run collectives)."""
+def count_flops(module: LightningModule, step: Callable[[], Any], samples: int) -> float:
+    """3 x forward FLOPs per sample of ``step`` (one training step's forward on ``samples``
+    samples), for the throughput callback's MFU, leaving no trace: a training step changes
+    buffers (BatchNorm statistics, DINO's centre, BEiT's codebook) which a stopped-and-resumed
+    run would otherwise count twice. Buffers are restored and the RNG is untouched. Every rank
+    calls it (it may run collectives)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    sample = batch[:2]  # two samples: BatchNorm needs more than one value per channel
     saved = {name: buffer.clone() for name, buffer in module.named_buffers()}
     devices = [module.device.index or 0] if module.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             counter = FlopCounterMode(display=False)
             with counter:
-                module.loss(module.views(to_float_images(sample)))
-        return 3.0 * counter.get_total_flops() / sample.shape[0]
+                step()
+        return 3.0 * counter.get_total_flops() / samples
     finally:
         with torch.no_grad():
             for name, buffer in module.named_buffers():
@@ -126,7 +127,9 @@ class VisionObjectiveHooks:
     A mixin, listed before LightningModule; each method's own logic stays in its file."""
 
     def flops_per_sample(self, batch: torch.Tensor) -> float:
-        return count_flops(self, batch)  # without the side effects a training step would have
+        sample = batch[:2]  # two samples: BatchNorm needs more than one value per channel
+        # without the side effects a training step would have
+        return count_flops(self, lambda: self.loss(self.views(to_float_images(sample))), sample.shape[0])
 
     def configure_callbacks(self):
         return probe_callbacks(self, self.cfg.objective.probe)

@@ -84,8 +84,11 @@ def check_trainer(cfg: RunConfig) -> None:
         raise ConfigError("data.batch_size must be >= 1 and data.num_workers >= 0")
 
 
-def build_trainer(cfg: RunConfig, extra_callbacks: List[Callback] = ()) -> Trainer:
+def build_trainer(cfg: RunConfig, extra_callbacks: List[Callback] = (), accumulates_itself: bool = False) -> Trainer:
+    """``accumulates_itself``: the objective takes a whole accumulated batch per step and splits
+    it (CLIP, whose negatives must span the micro-batches): Lightning does not accumulate then."""
     t, run_dir = cfg.trainer, Path(cfg.run.dir)
+    accumulate = 1 if accumulates_itself else t.accumulate_grad_batches
     # auto with several devices is ddp: Lightning would pick ddp_spawn on CPU, which re-imports everything per rank
     strategy = build_strategy(cfg)
     jsonl = JsonlLogger(run_dir / METRICS_FILE)
@@ -111,12 +114,12 @@ def build_trainer(cfg: RunConfig, extra_callbacks: List[Callback] = ()) -> Train
         precision=t.precision,
         max_steps=t.max_steps,
         max_epochs=-1,
-        val_check_interval=t.val_every_steps * t.accumulate_grad_batches,
+        val_check_interval=t.val_every_steps * accumulate,
         check_val_every_n_epoch=None,
         limit_val_batches=(1.0 if t.val_batches < 0 else t.val_batches),
         num_sanity_val_steps=0,
         gradient_clip_val=cfg.optim.grad_clip or None,
-        accumulate_grad_batches=t.accumulate_grad_batches,
+        accumulate_grad_batches=accumulate,
         log_every_n_steps=t.log_every_steps,
         callbacks=callbacks,
         logger=loggers,
@@ -161,7 +164,7 @@ def fit(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> Path:
 
         load_weights(module, cfg.run.init_from)
     done = prepare_blocks(module, cfg.trainer.activation_checkpointing, cfg.trainer.compile)
-    trainer = build_trainer(cfg, extra_callbacks)
+    trainer = build_trainer(cfg, extra_callbacks, accumulates_itself=getattr(module, "micro_batches", 1) > 1)
     if rank_zero_only.rank == 0:
         save_config(cfg, run_dir / "config.yaml")
         if ckpt is not None:
