@@ -1,16 +1,8 @@
 """Helpers of the CLIP tests (a uniquely named module: every test folder has a conftest.py)."""
 from __future__ import annotations
 
-import io
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+from run_helpers import metric_rows, png, run_cli  # noqa: F401 (re-exported to the CLIP tests)
 
-import numpy as np
-
-REPO = Path(__file__).resolve().parents[2]
 # Tiny towers: a 2-process DDP run takes seconds on CPU.
 VIT = ["model.name=vit", "model.patch_size=2", "model.dim=16", "model.depth=1", "model.heads=2"]
 RESNET = ["model.name=resnet", "model.stem=cifar", "model.layers=[1,1]", "model.widths=[4,8]"]
@@ -18,29 +10,9 @@ TINY = ["objective.name=clip", "objective.embed_dim=8", "objective.context_lengt
         "objective.text.depth=1", "objective.text.heads=2", "data.image_size=8", "data.channels=1"]
 
 
-def png(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.fromarray(array, mode="L").save(out, format="PNG")
-    return out.getvalue()
-
-
 def data_overrides(shards: dict) -> list[str]:
     """The pair shards' paths and the tiny towers (a ViT image tower)."""
     return [*TINY, *VIT, f"data.train={shards['train']}", f"data.val={shards['val']}", f"data.tokenizer={shards['tokenizer']}"]
-
-
-def run_cli(args: list[str], timeout: int = 300) -> str:
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "framework.cli", *args], capture_output=True, text=True, env=env,
-                            timeout=timeout, cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
-
-
-def metric_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def objective(*overrides: str, vocab: int = 64, model: list[str] = VIT):

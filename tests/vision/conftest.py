@@ -4,18 +4,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from run_helpers import one_thread
+
 from vision_helpers import png
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a busy 2-core machine: one intra-op thread is many times faster than two."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def single_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -1,16 +1,8 @@
 """Helpers of the vision tests (a uniquely named module: every test folder has a conftest.py)."""
 from __future__ import annotations
 
-import io
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+from run_helpers import REPO, metric_rows, png, run_cli  # noqa: F401 (re-exported to the vision tests)
 
-import numpy as np
-
-REPO = Path(__file__).resolve().parents[2]
 # Tiny sizes for every method, so a 2-process DDP run takes seconds on CPU.
 TINY = {
     "simclr": ["objective.proj_hidden_dim=32", "objective.proj_dim=16"],
@@ -28,28 +20,8 @@ TINY_MODEL = {
 BACKBONE = {"simclr": "resnet", "moco_v3": "vit", "byol": "resnet", "dino": "vit", "mae": "vit", "beit": "vit"}
 
 
-def png(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.fromarray(array, mode="L").save(out, format="PNG")
-    return out.getvalue()
-
-
 def tiny_overrides(method: str, shards: dict) -> list[str]:
     return [
         f"objective.name={method}", *TINY_MODEL[BACKBONE[method]], *TINY[method],
         f"data.train={shards['train']}", f"data.val={shards['val']}", "data.image_size=8", "data.channels=1",
     ]
-
-
-def run_cli(args: list[str], timeout: int = 240) -> str:
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "framework.cli", *args], capture_output=True, text=True, env=env,
-                            timeout=timeout, cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
-
-
-def metric_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
