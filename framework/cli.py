@@ -201,6 +201,21 @@ def _cmd_eval_retrieval(args: argparse.Namespace) -> None:
         print(f"  {name}: " + "  ".join(f"R@{k} {result[f'{direction}_r{k}']:.4f}" for k in (1, 5, 10)))
 
 
+def _cmd_audio_targets(args: argparse.Namespace) -> None:
+    from framework.data.writers.audio_targets import write_audio_targets
+
+    meta = write_audio_targets(args.shards, args.output, features=args.features, layer=args.layer,
+                               clusters=args.clusters, config=args.config, fit_frames=args.fit_frames, seed=args.seed,
+                               workers=args.workers, overwrite=args.overwrite)
+    where = "MFCC" if meta["features"] == "mfcc" else f"layer {meta['layer']} of {meta['features']}"
+    print(f"{meta['frames']} frame targets for {meta['clips']} clips: {meta['clusters']} clusters of {where} "
+          f"({meta['used_clusters']} used) -> {args.output}")
+    quality = meta["quality"]
+    if quality:
+        print(f"  against the shards' labels: purity {quality['purity']:.4f}  PNMI {quality['pnmi']:.4f}  "
+              f"cluster entropy {quality['cluster_entropy_bits']:.2f} bits")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from framework.demo import run_text_demo
 
@@ -311,6 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--checkpoint", required=True, help="a clip run's checkpoint or run directory")
     retrieval.add_argument("overrides", nargs="*", help="data.val=<pair shards> [data.batch_size=256] [data.on_error=skip]")
     retrieval.set_defaults(func=_cmd_eval_retrieval)
+
+    audio_cmd = sub.add_parser("audio", help="speech data tools").add_subparsers(dest="action", required=True)
+    targets = audio_cmd.add_parser("targets", help="HuBERT: k-means frame targets of MFCC or a run's layer features")
+    targets.add_argument("--shards", required=True, help="the audio shards (a directory, glob or list) to label")
+    targets.add_argument("--output", "-o", required=True, help="the targets directory (objective.targets)")
+    targets.add_argument("--features", required=True, help="mfcc (iteration 1) or a hubert/wav2vec2 run dir or checkpoint")
+    targets.add_argument("--layer", type=int, default=-1, help="with a checkpoint: the transformer layer (0: its input)")
+    targets.add_argument("--clusters", type=int, default=100, help="k of k-means (HuBERT: 100, then 500)")
+    targets.add_argument("--config", help="with mfcc: the experiment config whose sample rate and conv layers "
+                         "set the frame rate (default: 16 kHz, wav2vec 2.0 Base)")
+    targets.add_argument("--fit-frames", type=int, default=200_000, help="frames sampled to fit k-means")
+    targets.add_argument("--seed", type=int, default=0)
+    targets.add_argument("--workers", type=int, default=None, help="feature processes (default: min(4, CPUs))")
+    targets.add_argument("--overwrite", action="store_true", help="replace targets of another run in --output")
+    targets.set_defaults(func=_cmd_audio_targets)
 
     launch = sub.add_parser("launch", help="start `fit` on many processes: torchrun (one box or several) or Slurm")
     how = launch.add_subparsers(dest="launcher", required=True)

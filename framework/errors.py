@@ -15,3 +15,8 @@ class DataError(UserError):
 
 class SampleError(DataError):
     """One sample cannot be decoded; the stream's fault policy decides what happens."""
+
+
+class SampleFiltered(Exception):
+    """A sound sample that a processor leaves out by rule (a clip shorter than data.min_seconds):
+    counted (``data/filtered_samples``), never a fault, whatever data.on_error says."""

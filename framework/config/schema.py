@@ -41,6 +41,11 @@ class DataConfig:
     val_batch_size: Optional[int] = None  # defaults to batch_size
     image_size: int = 0  # images: side the loader resizes to (0: from the shards' manifest or first image)
     channels: int = 0  # images: 1 (grayscale) or 3 (RGB); 0: from the shards' manifest or first image
+    sample_rate: int = 16000  # audio: clips are resampled to this rate (soxr) unless resample is false
+    resample: bool = True  # audio: false makes a clip at another rate a bad sample (named) instead
+    max_seconds: float = 15.0  # audio: longer training clips are cropped at random (evaluation: from the start)
+    min_seconds: float = 0.0  # audio: shorter clips are left out and counted (data/filtered_samples)
+    bucket: bool = True  # audio: batches of similar lengths, drawn from the shuffle buffer (less padding)
     mode: str = "epoch"  # epoch (every sample once per epoch) | resampled (endless weighted draws)
     remainder: str = "drop"  # epoch samples beyond equal full batches per rank: drop | pad (repeat)
     on_error: str = "skip"  # a missing/bad shard or sample: skip (warn, count) | raise

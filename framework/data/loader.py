@@ -149,6 +149,7 @@ def train_loader(
     world_size: int,
     collate_fn: Optional[Callable[[List[Any]], Any]] = None,
     sources: Optional[Sources] = None,
+    bucket: Optional[Callable[[Any], float]] = None,
 ) -> ResumableLoader:
     """An endless, shuffled, resumable stream of ``data.batch_size`` batches for this rank
     (epoch after epoch, or resampled draws); the run's ``max_steps`` ends it."""
@@ -158,7 +159,7 @@ def train_loader(
         shards, processor, seed=seed, rank=rank, world_size=world_size, batch_size=data.batch_size,
         mode=data.mode, remainder=data.remainder, endless=True, shuffle_buffer=data.shuffle_buffer,
         on_error=data.on_error, sources=sources, length=ENDLESS_SAMPLES, cache=shard_cache(data),
-        zero_copy=data.zero_copy,
+        zero_copy=data.zero_copy, bucket=bucket,
     )
     return ResumableLoader(
         stream, batch_size=data.batch_size, num_workers=data.num_workers, collate_fn=collate_fn or collate_arrays,

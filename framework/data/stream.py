@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from typing import Any, Deque, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -32,13 +32,15 @@ from framework.data.cache import ShardCache
 from framework.data.faults import ON_ERROR, report_fault
 from framework.data.sources import Shard, open_shard
 from framework.data.tar import Sample, TarFormatError, iter_samples, skip_samples
-from framework.errors import DataError, SampleError
+from framework.errors import DataError, SampleError, SampleFiltered
 
 # read: samples read; skipped_*: faults under on_error=skip (skipped_shards includes those
 # planning found bad); repeated: handed out again to keep batches equal after faults;
 # policy_dropped / policy_repeated: what data.remainder left out or padded in each epoch
-# (counted once, by rank 0's first worker).
-COUNTERS = ("read_samples", "skipped_samples", "skipped_shards", "repeated_samples", "policy_dropped", "policy_repeated")
+# (counted once, by rank 0's first worker); filtered: left out by a processor's rule
+# (SampleFiltered: a clip below data.min_seconds), replaced like faults to keep batches equal.
+COUNTERS = ("read_samples", "skipped_samples", "skipped_shards", "repeated_samples", "policy_dropped", "policy_repeated",
+            "filtered_samples")
 _POSITION_KEYS = ("epoch", "draw", "segment", "consumed", "offset", "yielded")
 # Resampled mode draws forever: this many draws in a row without one usable sample is an error.
 _MAX_BARREN_DRAWS = 1000
@@ -146,7 +148,12 @@ class ShardStream(IterableDataset):
         length: Optional[int] = None,
         cache: Optional[ShardCache] = None,
         zero_copy: bool = False,
+        bucket: Optional[Callable[[Sample], float]] = None,
     ) -> None:
+        """``bucket`` (one-item-per-sample processors, a shuffle buffer of at least a batch):
+        a raw sample's length (an audio clip's duration); each batch is then drawn from the
+        buffer as a random sample and the batch_size - 1 buffered samples nearest to it in
+        length, so a batch is not mostly padding. Deterministic and resumable like the shuffle."""
         if not shards:
             raise DataError("no shards to stream")
         if mode == "epoch" and any(s.samples is None for s in shards):
@@ -155,7 +162,6 @@ class ShardStream(IterableDataset):
             raise DataError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
         self.shards, self.processor = shards, processor
         self.counts = [s.samples for s in shards]
-        self._urls = [s.url for s in shards]
         self.planning_faults = sum(s.fault is not None for s in shards)
         self.seed, self.rank, self.world_size, self.batch_size = seed, rank, world_size, batch_size
         # Documents packed into blocks give no fixed item count: aligning them to batches
@@ -165,6 +171,9 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer, self.on_error, self.length = shuffle_buffer, on_error, length
         self.sources = sources or Sources(((0, len(shards)),), (1.0,))
         self.cache, self.zero_copy = cache, zero_copy
+        if bucket is not None and not (processor.one_to_one and shuffle_buffer >= batch_size > 1):
+            raise DataError("length bucketing needs a one-item-per-sample processor and data.shuffle_buffer >= data.batch_size > 1")
+        self.bucket = bucket
         self.elastic: Optional[Dict[str, Any]] = None  # set by the loader on a resume at another world size
         self._state: Dict[str, Any] = dict.fromkeys(_POSITION_KEYS, 0)
         self._counters: Dict[str, int] = dict.fromkeys(COUNTERS, 0)
@@ -172,6 +181,7 @@ class ShardStream(IterableDataset):
         # locators alone, copied with every batch: a second list keeps that copy a C loop).
         self._buffer: List[Tuple[str, Sample]] = []
         self._buffer_locators: List[Locator] = []
+        self._buffer_lengths: List[float] = []  # with bucket: each buffered sample's length
         self._pending: Deque[Any] = deque()
         self._last_good: Optional[Locator] = None
         self._rng = ReplayableRandom()
@@ -237,6 +247,7 @@ class ShardStream(IterableDataset):
         entries = self._reread_all([tuple(locator) for locator in state["buffer"]])
         self._buffer_locators = [locator for locator, _, _ in entries]
         self._buffer = [(key, sample) for _, key, sample in entries]
+        self._buffer_lengths = [self.bucket(sample) for _, _, sample in entries] if self.bucket else []
 
     # -- iteration --------------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:
@@ -277,6 +288,8 @@ class ShardStream(IterableDataset):
         while state["segment"] < len(reader.segments):
             yield from self._read_segment(reader.segments[state["segment"]])
             state.update(segment=state["segment"] + 1, consumed=0, offset=0)
+        while self._buffer and self.bucket is not None:  # the epoch ends with its own samples
+            yield from self._emit_bucket()
         while self._buffer:  # the epoch ends with its own samples: drain the buffer
             index = self._rng.pick(len(self._buffer))
             key, sample = self._buffer.pop(index)
@@ -309,10 +322,10 @@ class ShardStream(IterableDataset):
         buffer, locators, size, random = self._buffer, self._buffer_locators, self.shuffle_buffer, rng.generator.random
         if state["consumed"] == 0:  # a fresh segment (a resume inside one restored the draws)
             rng.reseed(self.seed, self.rank, self._worker, state["epoch"], state["segment"], state["draw"])
-        processor, one_to_one, urls = self.processor, self.processor.one_to_one, self._urls
-        direct = one_to_one or size <= 1  # items go out in order: no mixing in pending
+        direct = self.processor.one_to_one or size <= 1  # items go out in order: no mixing in pending
+        bucket = self.bucket
         shard, first = segment.shard, segment.start
-        url = urls[shard]
+        url = self.shards[shard].url
         bounded = segment.stop < (1 << 62)  # resampled draws of shards without counts are not
         remaining = len(segment) - state["consumed"]
         failure = None
@@ -342,7 +355,15 @@ class ShardStream(IterableDataset):
                     if size > 1:
                         buffer.append((key, sample))
                         locators.append(locator)
+                        if bucket is not None:
+                            self._buffer_lengths.append(bucket(sample))
                         if len(buffer) < size:
+                            reading = True
+                            if remaining:
+                                continue
+                            break
+                        if bucket is not None:  # a whole batch of similar lengths at once
+                            yield from self._emit_bucket()
                             reading = True
                             if remaining:
                                 continue
@@ -354,14 +375,7 @@ class ShardStream(IterableDataset):
                         locators[index], locators[-1] = locators[-1], locators[index]
                         key, sample = buffer.pop()
                         locator = locators.pop()
-                    try:  # _process, inline: once per sample
-                        items = processor(key, sample, urls[locator[0]])
-                    except SampleError as exc:
-                        self._fault(urls[locator[0]], key, str(exc))
-                        items = ()
-                    else:
-                        if one_to_one:
-                            self._last_good = locator
+                    items = self._process(locator, key, sample)
                     if direct and not pending and len(items) == 1:
                         state["yielded"] += 1
                         yield items[0]
@@ -389,12 +403,32 @@ class ShardStream(IterableDataset):
         if failure is not None:
             self._fault(url, None, failure, remaining if bounded else 0, shard=own_range)
 
+    def _emit_bucket(self) -> Iterator[Any]:
+        """One batch from the buffer: a random sample and the batch_size - 1 nearest in length.
+        A sample that fails (or is filtered) is replaced by a repeat of a good one of the same
+        batch, so batches stay aligned with the bucket's boundaries."""
+        buffer, locators, lengths = self._buffer, self._buffer_locators, self._buffer_lengths
+        anchor = lengths[self._rng.pick(len(buffer))]
+        chosen = sorted(sorted(range(len(buffer)), key=lambda i: (abs(lengths[i] - anchor), i))[: self.batch_size], reverse=True)
+        group = [(locators[i], *buffer[i]) for i in chosen]
+        for i in chosen:  # descending: each pop leaves the lower indices in place
+            buffer.pop(i), locators.pop(i), lengths.pop(i)
+        items = [item for entry in group for item in self._process(*entry)]
+        if items and len(items) < len(group):
+            self._counters["repeated_samples"] += len(group) - len(items)
+            items += [items[i % len(items)] for i in range(len(group) - len(items))]
+        self._state["yielded"] += len(items)
+        yield from items
+
     def _process(self, locator: Locator, key: str, sample: Sample) -> List[Any]:
         """The processor's items for a sample; none (counted, or raised) when it cannot decode it."""
         try:
             items = self.processor(key, sample, self.shards[locator[0]].url)
         except SampleError as exc:
             self._fault(self.shards[locator[0]].url, key, str(exc))
+            return []
+        except SampleFiltered:
+            self._counters["filtered_samples"] += 1
             return []
         if self.processor.one_to_one:
             self._last_good = locator

@@ -85,8 +85,10 @@ def load_objective(checkpoint_path: str | Path, key: str = "checkpoint") -> Any:
 
 
 def load_backbone(checkpoint_path: str | Path) -> nn.Module:
-    """The pretrained backbone of a vision objective's checkpoint (or a run directory's newest),
-    in eval mode on the CPU."""
+    """The pretrained backbone of a checkpoint (or a run directory's newest), in eval mode on the
+    CPU: a vision objective's image backbone (images -> features), or a speech objective's audio
+    encoder: (waveforms (B, samples) at its ``sample_rate``, normalised per clip, and their
+    lengths) -> (B, dim), the mean of its frames; ``encode``/``contextualize`` give the frames."""
     from framework.config.load import config_from_dict
     from framework.objectives import objective_module
     from framework.objectives.vision_common import build_backbone
@@ -96,7 +98,7 @@ def load_backbone(checkpoint_path: str | Path) -> nn.Module:
     cfg = config_from_dict(config)
     module = objective_module(cfg.objective.name)
     if not hasattr(module.Objective, "export_backbone"):
-        raise ConfigError(f"{path}: objective '{cfg.objective.name}' is not a vision objective (it has no image backbone)")
+        raise ConfigError(f"{path}: objective '{cfg.objective.name}' has no backbone to export")
     with torch.random.fork_rng(devices=[]):  # building draws initial weights: keep the caller's RNG stream
         objective = module.Objective(config)
     exported = objective.export_backbone()
@@ -107,6 +109,9 @@ def load_backbone(checkpoint_path: str | Path) -> nn.Module:
     missing = [key for key in missing if key.startswith(prefix)]
     if missing:
         raise ConfigError(f"{path}: the checkpoint lacks backbone weights {missing[:3]}")
+    if hasattr(exported, "contextualize"):  # a speech encoder: (waveform, lengths) -> pooled features
+        exported.sample_rate = cfg.data.sample_rate  # what its input must be resampled to
+        return exported.eval()
     with torch.random.fork_rng(devices=[]):
         backbone = build_backbone(cfg)
     backbone.load_state_dict(exported.state_dict())

@@ -90,7 +90,8 @@ class OnlineProbes(Callback):
     """Linear probe and kNN on validation features, logged at every validation.
 
     ``probe`` is the objective's ``ProbeConfig``. The objective provides ``features(images)``:
-    float images in [0, 1] -> (N, D) from the backbone it would export."""
+    float images in [0, 1] -> (N, D) from the backbone it would export, or, for other inputs,
+    ``probe_features(batch)`` (audio: the mean of the encoder's frames over a clip)."""
 
     def __init__(self, probe: Any) -> None:
         self.probe = probe
@@ -111,8 +112,9 @@ class OnlineProbes(Callback):
             return
         from framework.augment import to_float_images
 
+        probe = getattr(pl_module, "probe_features", None)  # non-image objectives (audio) say what to embed
         with torch.no_grad():
-            features = pl_module.features(to_float_images(batch["image"]))
+            features = probe(batch) if probe is not None else pl_module.features(to_float_images(batch["image"]))
         # .clone(): validation runs under inference_mode, whose tensors cannot enter autograd later.
         self._features.append(features.detach().float().clone())
         self._labels.append(batch["label"].clone())

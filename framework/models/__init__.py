@@ -11,6 +11,7 @@ MODELS = {
     "transformer": ("framework.models.transformer", "TransformerConfig"),
     "vit": ("framework.models.vit", "ViTConfig"),
     "resnet": ("framework.models.resnet", "ResNetConfig"),
+    "audio_encoder": ("framework.models.audio_encoder", "AudioEncoderConfig"),
 }
 
 

@@ -18,6 +18,8 @@ OBJECTIVES = {
     "mae": "framework.objectives.mae",
     "beit": "framework.objectives.beit",
     "clip": "framework.objectives.clip",
+    "wav2vec2": "framework.objectives.wav2vec2",
+    "hubert": "framework.objectives.hubert",
 }
 
 

@@ -419,7 +419,7 @@ def _lock(state_dir: Path) -> Any:
     return handle
 
 
-def _mp_context() -> multiprocessing.context.BaseContext:
+def mp_context() -> multiprocessing.context.BaseContext:
     # Not fork: the parent may run threads (the progress bar, torch), and forking those can deadlock.
     methods = multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
@@ -625,7 +625,7 @@ def _run_pool(
     """Write ``tasks`` in a process pool, adding each finished chunk's fragment to ``fragments``.
 
     The progress bar advances as workers report items."""
-    ctx = _mp_context()
+    ctx = mp_context()
     queue = ctx.Queue()
     sizes = {task.chunk: len(task.items) for task in tasks}
     finished = 0
