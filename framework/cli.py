@@ -285,8 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     audio.add_argument("--input", "-i", nargs="+", required=True, help="files, directories or globs")
     audio.add_argument("--output", "-o", required=True, help="output directory")
     audio.add_argument("--include", nargs="*", help="file name patterns to keep in directories (default: wav and flac)")
-    audio.add_argument("--transcripts", help="a .tsv (audio<TAB>text, or a header with path/sentence columns) "
-                       "or .jsonl mapping; a sibling FILE.txt next to an audio file is used too")
+    audio.add_argument("--transcripts", "--metadata", help="a .tsv (audio<TAB>text, or a header with a path column) "
+                       "or .jsonl list file: its transcript column becomes the txt member, its other columns (speaker, "
+                       "accent, ...) go into each sample's json; a sibling FILE.txt next to an audio file is used too")
     audio.add_argument("--labels-from-folders", action="store_true", help="class label = the parent folder's name")
     audio.add_argument("--verify", action="store_true", help="decode every file fully; skip those that fail")
     _add_writer_args(audio)

@@ -134,6 +134,21 @@ def test_transcript_mappings(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
     assert texts["spk1/a.wav"] == b"absolute" and texts["spk1/b.wav"] == b"relative"
     assert (f"{tmp_path / 'm.jsonl'}:3", "invalid JSON (Expecting property name enclosed in double quotes)") in summary["skipped"]
 
+    # other columns go into each sample's json (an accent for evaluation by subgroup); a row may hold only those
+    (tmp_path / "meta.jsonl").write_text(json.dumps({"path": "a.wav", "text": "hi", "accent": "en-gb", "speed": 150}) + "\n"
+                                         + json.dumps({"path": "d.wav", "accent": "en-029"}) + "\n")
+    write_audio_shards([str(root)], str(tmp_path / "o5"), transcripts=str(tmp_path / "meta.jsonl"))
+    samples = by_source(check_output(tmp_path / "o5"))
+    meta = {k: json.loads(m["json"]) for k, m in samples.items()}
+    assert meta["spk1/a.wav"]["accent"] == "en-gb" and meta["spk1/a.wav"]["speed"] == 150
+    assert samples["spk1/a.wav"]["txt"] == b"hi" and meta["spk1/d.wav"]["accent"] == "en-029"
+    assert "txt" not in samples["spk1/d.wav"] and "accent" not in meta["spk1/b.wav"]
+    summary = write_audio_shards([str(root)], str(tmp_path / "o6"), transcripts=str(tmp_path / "cv.tsv"))
+    assert json.loads(by_source(check_output(tmp_path / "o6"))["spk1/a.wav"]["json"])["up_votes"] == "2"
+    (tmp_path / "clash.jsonl").write_text(json.dumps({"path": "a.wav", "duration": 3}) + "\n")
+    with pytest.raises(DataError, match=r"clash.jsonl:1: column 'duration' is a field the audio writer sets"):
+        write_audio_shards([str(root)], str(tmp_path / "o7"), transcripts=str(tmp_path / "clash.jsonl"))
+
     (tmp_path / "t.csv").write_text("a,b\n")
     with pytest.raises(DataError, match=r"t.csv: unsupported format"):
         write_audio_shards([str(root)], str(tmp_path / "o4"), transcripts=str(tmp_path / "t.csv"))

@@ -4,8 +4,10 @@ One sample per file: the file's bytes as they are under ``wav`` or ``flac`` (the
 decides), ``json`` with duration, sample rate, channels, frames, format and the source
 path, ``txt`` with the transcript when there is one (an entry of ``transcripts``, else a
 sibling ``NAME.txt`` next to ``NAME.wav``) and ``cls`` with the class index when labels
-come from folder names (the names, sorted, are the manifest's ``classes``). Unreadable
-audio is skipped with a warning naming the file and counted.
+come from folder names (the names, sorted, are the manifest's ``classes``). The other
+columns of the ``transcripts`` list file (a speaker, an accent, a recording device) go into
+the sample's json as they are, for evaluation by subgroup. Unreadable audio is skipped with
+a warning naming the file and counted.
 """
 from __future__ import annotations
 
@@ -42,6 +44,9 @@ class AudioInfo(NamedTuple):
         return self.frames / self.sample_rate
 
 
+Entry = tuple  # (key as written, transcript or None, ((column, value), ...))
+
+
 class AudioItem(NamedTuple):
     """One input file; size and mtime make an edited file change the write's fingerprint."""
 
@@ -51,6 +56,7 @@ class AudioItem(NamedTuple):
     size: int
     mtime_ns: int
     transcript: str | None  # from the transcripts mapping
+    extra: tuple[tuple[str, Any], ...]  # the list file's other columns, into the json
     label: int | None
     label_name: str | None
 
@@ -169,6 +175,7 @@ def _process_audio(item: AudioItem, verify: bool) -> Skip | list[Sample]:
         "frames": info.frames,
         "format": info.format,
         "source": item.name,
+        **dict(item.extra),
     }
     members = {info.format: data}
     if transcript is not None:
@@ -181,18 +188,24 @@ def _process_audio(item: AudioItem, verify: bool) -> Skip | list[Sample]:
     return [Sample(item.key, members, stats=stats)]
 
 
+# The writer's own json fields: a list file's column may not take their names.
+_RESERVED = ("duration", "sample_rate", "channels", "frames", "format", "source", "label")
+
+
 class Transcripts:
-    """A transcript mapping read from a .tsv or .jsonl file, matched to audio files.
+    """A list file (.tsv with a header, or .jsonl) of transcripts and/or other columns, matched to audio files.
 
     An entry's key is an audio path (absolute, or relative to the mapping's directory or to
-    an input directory) or a bare file name or stem. Bad lines are kept in ``bad``.
+    an input directory) or a bare file name or stem. Columns other than the audio name and the
+    transcript are kept as the entry's ``extra`` fields (an entry may have only those). Bad
+    lines are kept in ``bad``.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(os.path.expanduser(str(path)))
-        self.by_path: dict[str, tuple[str, str]] = {}  # abspath -> (key, text)
-        self.by_name: dict[str, tuple[str, str]] = {}  # as written: relative path, name or stem
-        self.by_stem: dict[str, tuple[str, str]] = {}  # a bare name's stem: "x.mp3" also names x.wav
+        self.by_path: dict[str, Entry] = {}  # abspath -> (key, text, extra)
+        self.by_name: dict[str, Entry] = {}  # as written: relative path, name or stem
+        self.by_stem: dict[str, Entry] = {}  # a bare name's stem: "x.mp3" also names x.wav
         self.bad: list[tuple[str, str]] = []
         self.used: set[str] = set()
         if not self.path.is_file():
@@ -214,43 +227,55 @@ class Transcripts:
             first = f" (first bad line: {self.bad[0][0]}: {self.bad[0][1]})" if self.bad else ""
             raise DataError(f"transcripts file {self.path} has no usable entry{first}")
 
-    def _add(self, line_no: int, key: str, text: Any) -> None:
+    def _add(self, line_no: int, key: str, text: Any, extra: dict[str, Any] | None = None) -> None:
         where = f"{self.path}:{line_no}"
-        if not isinstance(text, str) or not text.strip():
+        extra = extra or {}
+        clash = sorted(set(extra) & set(_RESERVED))
+        if clash:
+            raise DataError(f"{where}: column {clash[0]!r} is a field the audio writer sets itself; rename it")
+        if text is not None and not isinstance(text, str):
+            self.bad.append((where, f"transcript is not text ({type(text).__name__})"))
+            return
+        if (text is None or not text.strip()) and not extra:
             self.bad.append((where, "empty transcript"))
             return
+        text = text.strip() if text is not None and text.strip() else None
+        entry = (key.strip(), text, tuple(sorted(extra.items())))
         key = key.strip()
         if not key:
             self.bad.append((where, "empty audio name"))
             return
         if "/" in key or os.path.isabs(key):
             table, index = self.by_path, os.path.abspath(self.path.resolve().parent / os.path.expanduser(key))
-            self.by_name.setdefault(Path(key).as_posix(), (key, text.strip()))  # relative to an input root
+            self.by_name.setdefault(Path(key).as_posix(), entry)  # relative to an input root
         else:
             table, index = self.by_name, key
         if index in table:
             self.bad.append((where, f"second transcript for {key!r} (the first one is kept)"))
             return
-        table[index] = (key, text.strip())
+        table[index] = entry
         if table is self.by_name and Path(key).suffix:
-            self.by_stem.setdefault(Path(key).stem, (key, text.strip()))
+            self.by_stem.setdefault(Path(key).stem, entry)
 
     def _read_tsv(self, lines: list[str]) -> None:
-        start, key_col, text_col = 0, 0, 1
+        start, key_col, text_col, names = 0, 0, 1, []
         if lines:
-            header = [h.strip().lower() for h in lines[0].split("\t")]
+            names = [h.strip() for h in lines[0].split("\t")]
+            header = [h.lower() for h in names]
             keys = [i for i, h in enumerate(header) if h in _KEY_FIELDS]
             texts = [i for i, h in enumerate(header) if h in _TEXT_FIELDS]
-            if keys and texts:  # e.g. Common Voice: client_id, path, sentence, ...
-                start, key_col, text_col = 1, keys[0], texts[0]
+            if keys:  # e.g. Common Voice: client_id, path, sentence, ..., accents, gender
+                start, key_col, text_col = 1, keys[0], texts[0] if texts else None
         for line_no, line in enumerate(lines[start:], start=start + 1):
             if not line.strip():
                 continue
             fields = line.split("\t") if start else line.split("\t", 1)
-            if len(fields) <= max(key_col, text_col):
+            if len(fields) <= max(key_col, text_col or 0):
                 self.bad.append((f"{self.path}:{line_no}", "expected audio<TAB>transcript"))
                 continue
-            self._add(line_no, fields[key_col], fields[text_col])
+            extra = {name: value for i, (name, value) in enumerate(zip(names, fields))
+                     if start and i not in (key_col, text_col) and name}
+            self._add(line_no, fields[key_col], fields[text_col] if text_col is not None else None, extra)
 
     def _read_jsonl(self, lines: list[str]) -> None:
         for line_no, line in enumerate(lines, start=1):
@@ -261,15 +286,19 @@ class Transcripts:
             except json.JSONDecodeError as err:
                 self.bad.append((f"{self.path}:{line_no}", f"invalid JSON ({err.msg})"))
                 continue
-            key = next((row[k] for k in _KEY_FIELDS if isinstance(row, dict) and isinstance(row.get(k), str)), None)
-            text = next((row[k] for k in _TEXT_FIELDS if isinstance(row, dict) and k in row), None)
-            if key is None:
+            if not isinstance(row, dict):
+                self.bad.append((f"{self.path}:{line_no}", "not a JSON object"))
+                continue
+            key_field = next((k for k in _KEY_FIELDS if isinstance(row.get(k), str)), None)
+            text_field = next((k for k in _TEXT_FIELDS if k in row), None)
+            if key_field is None:
                 self.bad.append((f"{self.path}:{line_no}", f"no audio name (one of {', '.join(_KEY_FIELDS)})"))
                 continue
-            self._add(line_no, key, text)
+            extra = {k: v for k, v in row.items() if k not in (key_field, text_field)}
+            self._add(line_no, row[key_field], row.get(text_field) if text_field else None, extra)
 
-    def lookup(self, path: Path, relative_name: str) -> str | None:
-        """The transcript of audio file ``path`` (``relative_name`` below its input root), or None."""
+    def lookup(self, path: Path, relative_name: str) -> tuple[str | None, tuple[tuple[str, Any], ...]] | None:
+        """(transcript or None, extra fields) of audio file ``path`` (``relative_name`` below its input root), or None."""
         for table, key in (
             (self.by_path, str(path)),
             (self.by_name, relative_name),
@@ -280,11 +309,11 @@ class Transcripts:
             hit = table.get(key)
             if hit is not None:
                 self.used.add(hit[0])
-                return hit[1]
+                return hit[1], hit[2]
         return None
 
     def unused(self) -> list[str]:
-        keys = [k for k, _ in self.by_path.values()] + [k for k, _ in self.by_name.values()]
+        keys = [entry[0] for entry in self.by_path.values()] + [entry[0] for entry in self.by_name.values()]
         return sorted({k for k in keys if k not in self.used})
 
 
@@ -333,9 +362,9 @@ def write_audio_shards(
         except OSError as err:
             skipped.append((str(path), f"cannot read: {err.strerror}"))
             continue
-        text = mapping.lookup(path, name) if mapping else None
+        text, extra = (mapping.lookup(path, name) if mapping else None) or (None, ())
         items.append(AudioItem(
-            f"a{index:09d}", str(path), name, stat.st_size, stat.st_mtime_ns, text,
+            f"a{index:09d}", str(path), name, stat.st_size, stat.st_mtime_ns, text, extra,
             class_index[label] if label is not None else None, label,
         ))
     for where, reason in skipped:
