@@ -107,7 +107,8 @@ def embed(backbone, images: "torch.Tensor") -> np.ndarray:
         return torch.cat([backbone(images[i : i + 512]) for i in range(0, len(images), 512)]).numpy()
 
 
-def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> tuple[float, float]:
+def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                   folds: int = 5) -> tuple[float, float]:
     """Mean and std of test accuracy over SUBSETS stratified 10% label subsets of the training split."""
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.model_selection import train_test_split
@@ -121,7 +122,7 @@ def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
     scores = []
     for subset in range(SUBSETS):
         x, _, y, _ = train_test_split(train_x, train_y, train_size=LABEL_FRACTION, random_state=subset, stratify=train_y)
-        probe = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[0.01, 0.1, 1.0, 10.0], cv=5, max_iter=5000))
+        probe = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[0.01, 0.1, 1.0, 10.0], cv=folds, max_iter=5000))
         probe.fit(x, y)
         scores.append(probe.score(test_x, test_y))
     return float(np.mean(scores)), float(np.std(scores))
