@@ -160,7 +160,7 @@ def _cmd_data_inspect(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
-_EVAL_KEYS = {"data.val": str, "data.batch_size": int, "data.on_error": str}
+_EVAL_KEYS = {"data.train": str, "data.val": str, "data.test": str, "data.batch_size": int, "data.on_error": str}
 
 
 def _eval_options(overrides: List[str]) -> dict:
@@ -199,6 +199,34 @@ def _cmd_eval_retrieval(args: argparse.Namespace) -> None:
     print(f"retrieval over {result['pairs']} pairs:")
     for direction, name in (("i2t", "image -> text"), ("t2i", "text -> image")):
         print(f"  {name}: " + "  ".join(f"R@{k} {result[f'{direction}_r{k}']:.4f}" for k in (1, 5, 10)))
+
+
+def _cmd_eval_downstream(args: argparse.Namespace) -> None:
+    from framework.errors import ConfigError
+    from framework.evaluate.downstream.modes import LinearGrid
+    from framework.evaluate.downstream.report import DownstreamOptions, format_table, run_downstream
+
+    options = _eval_options(args.overrides)
+    if "data.train" not in options:
+        raise ConfigError("data.train=<labelled shards> is required: the labels the probe learns from")
+    try:
+        fractions = [float(f) for f in args.label_fraction.split(",")]
+    except ValueError:
+        raise ConfigError(f"--label-fraction must be numbers separated by commas, not {args.label_fraction!r}") from None
+    results = run_downstream(DownstreamOptions(
+        checkpoint=args.checkpoint, train=options["data.train"], val=options["data.val"], test=options.get("data.test"),
+        modes=[args.mode], fractions=fractions, seeds=args.seeds, output=args.output, group_key=args.group_key,
+        group_threshold=args.group_threshold, k=args.k, temperature=args.temperature,
+        grid=LinearGrid(batchnorm=not args.no_batchnorm), batch_size=options["data.batch_size"],
+        on_error=options["data.on_error"]))
+    print(f"{args.mode} on frozen features of {args.checkpoint}: test accuracy on {results['test_samples']} samples "
+          f"(mean ± std over {args.seeds} label subset(s))")
+    print(format_table(results))
+    for mode, worst in results.get("subgroups", {}).items():
+        low, high = worst["accuracy_ci"]
+        print(f"{mode}: worst {args.group_key} group {worst['worst_group']!r}: accuracy {worst['accuracy']:.4f} "
+              f"(95% CI {low:.4f}-{high:.4f}); report: {worst['report']}")
+    print(f"results.json, results.csv, label_efficiency.png -> {args.output}")
 
 
 def _cmd_audio_targets(args: argparse.Namespace) -> None:
@@ -342,6 +370,24 @@ def build_parser() -> argparse.ArgumentParser:
     targets.add_argument("--workers", type=int, default=None, help="feature processes (default: min(4, CPUs))")
     targets.add_argument("--overwrite", action="store_true", help="replace targets of another run in --output")
     targets.set_defaults(func=_cmd_audio_targets)
+
+    for mode, description in (("linear", "a linear probe on frozen features (grid chosen on validation, never test)"),
+                              ("knn", "weighted kNN on frozen features (DINO's k=20, T=0.07)")):
+        probe = evaluate.add_parser(mode, help=f"{description}, with few labels and per-subgroup results")
+        probe.add_argument("--checkpoint", required=True, help="a checkpoint or run directory (vision, CLIP, speech)")
+        probe.add_argument("--label-fraction", default="1.0", help="comma-separated fractions of data.train's labels, "
+                           "each class-balanced (e.g. 0.01,0.1,1.0)")
+        probe.add_argument("--seeds", type=int, default=1, help="label subsets per fraction (mean ± std)")
+        probe.add_argument("--group-key", help="a field of each sample's json (an accent, a writer): per-group report")
+        probe.add_argument("--group-threshold", type=float, help="groups below this accuracy are named "
+                           "(default: overall - 0.05)")
+        probe.add_argument("--output", "-o", default="downstream", help="results.json/.csv, plots, subgroup reports")
+        probe.add_argument("--k", type=int, default=20, help="kNN: neighbours")
+        probe.add_argument("--temperature", type=float, default=0.07, help="kNN: vote temperature")
+        probe.add_argument("--no-batchnorm", action="store_true", help="linear: no feature standardisation")
+        probe.add_argument("overrides", nargs="*", help="data.train=... data.val=... [data.test=...] "
+                           "[data.batch_size=...] [data.on_error=skip|raise]")
+        probe.set_defaults(func=_cmd_eval_downstream, mode=mode)
 
     launch = sub.add_parser("launch", help="start `fit` on many processes: torchrun (one box or several) or Slurm")
     how = launch.add_subparsers(dest="launcher", required=True)

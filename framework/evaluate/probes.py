@@ -15,7 +15,7 @@ Validation shards without labels (``cls`` members) are skipped with one warning.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import torch
 import torch.distributed as dist
@@ -47,43 +47,61 @@ def split_by_id(ids: torch.Tensor, train_fraction: float) -> torch.Tensor:
     return (ids % 10_000).float() < train_fraction * 10_000
 
 
-def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 k: int = 20, temperature: float = 0.07) -> float:
-    """Weighted kNN of Wu et al. 2018 as used by DINO: votes exp(cos / T) of the k nearest."""
-    num_classes = int(max(train_y.max(), test_y.max()).item()) + 1
-    train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
+def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, k: int = 20,
+                temperature: float = 0.07) -> torch.Tensor:
+    """Weighted kNN of Wu et al. 2018 as used by DINO: each test row takes the label with the most
+    votes exp(cos / T) among its k nearest training rows. Labels need not be contiguous."""
+    classes, train_index = torch.unique(train_y, return_inverse=True)
+    train_x, test_x = F.normalize(train_x.float(), dim=1), F.normalize(test_x.float(), dim=1)
     k = min(k, train_x.shape[0])
-    correct = 0
+    predictions = []
     for start in range(0, test_x.shape[0], 1024):
         sims, index = (test_x[start : start + 1024] @ train_x.T).topk(k, dim=1)
         weights = (sims / temperature).exp()
-        votes = torch.zeros(sims.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
-        votes.scatter_add_(1, train_y[index], weights)
-        correct += int((votes.argmax(dim=1) == test_y[start : start + 1024]).sum())
-    return correct / test_x.shape[0]
+        votes = torch.zeros(sims.shape[0], len(classes), dtype=weights.dtype, device=weights.device)
+        votes.scatter_add_(1, train_index[index], weights)
+        predictions.append(classes[votes.argmax(dim=1)])
+    return torch.cat(predictions) if predictions else train_y.new_zeros(0)
 
 
-def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                          steps: int = 300, lr: float = 0.05, weight_decay: float = 1e-4, seed: int = 0) -> float:
-    """Fit a softmax classifier on detached features (full batch, Adam) and score it.
+def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 k: int = 20, temperature: float = 0.07) -> float:
+    return float((knn_predict(train_x, train_y, test_x, k, temperature) == test_y).float().mean())
 
-    Features are standardised with the fitting part's statistics (MAE's probe uses an
-    affine-free BatchNorm for the same reason: feature scales differ wildly between methods)."""
-    train_x, test_x = train_x.detach().float(), test_x.detach().float()
-    mean, std = train_x.mean(0, keepdim=True), train_x.std(0, keepdim=True) + 1e-6
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    num_classes = int(max(train_y.max(), test_y.max()).item()) + 1
+
+def fit_softmax(train_x: torch.Tensor, train_y: torch.Tensor, steps: int = 300, lr: float = 0.05,
+                weight_decay: float = 1e-4, seed: int = 0, standardize: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A softmax classifier fitted on detached features (full batch, AdamW); returns features ->
+    predicted labels (any label values). ``standardize``: features scaled by the fitting part's
+    statistics (MAE's probe uses an affine-free BatchNorm for the same reason: feature scales
+    differ wildly between methods)."""
+    train_x = train_x.detach().float()
+    mean, std = (train_x.mean(0, keepdim=True), train_x.std(0, keepdim=True) + 1e-6) if standardize else (0.0, 1.0)
+    train_x = (train_x - mean) / std
+    classes, target = torch.unique(train_y, return_inverse=True)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    weight = (torch.randn(train_x.shape[1], num_classes, generator=generator) * 0.01).to(train_x.device).requires_grad_()
-    bias = torch.zeros(num_classes, device=train_x.device, requires_grad=True)
+    weight = (torch.randn(train_x.shape[1], len(classes), generator=generator) * 0.01).to(train_x.device).requires_grad_()
+    bias = torch.zeros(len(classes), device=train_x.device, requires_grad=True)
     optimizer = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=weight_decay)
     with torch.enable_grad():
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(train_x @ weight + bias, train_y).backward()
+            F.cross_entropy(train_x @ weight + bias, target).backward()
             optimizer.step()
-    with torch.no_grad():
-        return float(((test_x @ weight + bias).argmax(1) == test_y).float().mean())
+    weight, bias = weight.detach(), bias.detach()
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return classes[(((x.detach().float() - mean) / std) @ weight + bias).argmax(1)]
+
+    return predict
+
+
+def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                          steps: int = 300, lr: float = 0.05, weight_decay: float = 1e-4, seed: int = 0) -> float:
+    """Fit a softmax classifier on standardised detached features and score it."""
+    predict = fit_softmax(train_x, train_y, steps, lr, weight_decay, seed)
+    return float((predict(test_x) == test_y).float().mean())
 
 
 class OnlineProbes(Callback):

@@ -236,3 +236,54 @@ def test_config_mistakes_are_one_clear_line(speech_shards, tmp_path):
                                                f"data.train={speech_shards['train']}", f"run.dir={tmp_path / 'b'}")
     assert "holds no meta.json" in fails(*fit_args(speech_shards, tmp_path / "c", f"objective.targets={tmp_path}",
                                                    objective=HUBERT))
+
+
+# ------------------------------------------------------------------ downstream evaluation of a speech run
+
+
+def eval_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "framework.cli", "eval", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.timeout(400)
+def test_eval_linear_and_knn_with_subgroups(speech_run, speech_shards, tmp_path):
+    data = [f"data.train={speech_shards['train']}", f"data.val={speech_shards['val']}"]
+    for mode in ("linear", "knn"):
+        out = tmp_path / mode
+        result = eval_cli(mode, "--checkpoint", str(speech_run), "--label-fraction", "0.25,1.0", "--seeds", "2",
+                          "--group-key", "label", "--output", str(out), *data)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "25% of labels" in result.stdout and "worst label group" in result.stdout
+        results = json.loads((out / "results.json").read_text())
+        assert results["test_samples"] == 16 and len(results["rows"]) == 4
+        assert all(0.0 <= row["accuracy"] <= 1.0 for row in results["rows"])
+        report = json.loads((out / "subgroups" / mode / "subgroups.json").read_text())
+        assert set(report["groups"]) == {"c0", "c1", "c2", "c3"} and sum(g["count"] for g in report["groups"].values()) == 16
+        for name in ("report.md", "confusion_overall.png", "confusion_worst.png"):
+            assert (out / "subgroups" / mode / name).stat().st_size > 100
+    # features are cached: a second run embeds nothing (the cache files are left as they were)
+    cached = sorted((tmp_path / "knn" / "features").glob("*.npz"))
+    assert len(cached) == 2
+
+
+def test_eval_bad_inputs_are_one_clear_line(speech_run, speech_shards, tmp_path):
+    from framework.data.writers.shard_writer import ShardWriter
+    from run_helpers import png
+
+    with ShardWriter(tmp_path / "images", modality="image", max_samples=8) as writer:
+        for i in range(4):
+            writer.write(f"img{i}", {"png": png(np.zeros((8, 8), np.uint8)), "cls": b"1"})
+    with ShardWriter(tmp_path / "unlabelled", modality="audio", max_samples=8) as writer:
+        for i in range(4):
+            writer.write(f"clip{i}", {"wav": wav_bytes(6000)})
+    base = ["linear", "--checkpoint", str(speech_run), "--output", str(tmp_path / "out"), f"data.val={speech_shards['val']}"]
+    images = eval_cli(*base, f"data.train={tmp_path / 'images'}")
+    assert images.returncode != 0 and "no sample decoded as audio" in images.stderr
+    unlabelled = eval_cli(*base, f"data.train={tmp_path / 'unlabelled'}")
+    assert unlabelled.returncode != 0 and "have no label" in unlabelled.stderr
+    group = eval_cli(*base, f"data.train={speech_shards['train']}", "--group-key", "speaker")
+    assert group.returncode != 0 and "--group-key speaker: no sample" in group.stderr and "duration" in group.stderr
+    fraction = eval_cli(*base, f"data.train={speech_shards['train']}", "--label-fraction", "0.01")
+    assert fraction.returncode != 0 and "leaves class" in fraction.stderr
+    assert len(group.stderr.strip().splitlines()) == 1
