@@ -162,6 +162,7 @@ class ShardStream(IterableDataset):
             raise DataError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
         self.shards, self.processor = shards, processor
         self.counts = [s.samples for s in shards]
+        self._urls = [s.url for s in shards]
         self.planning_faults = sum(s.fault is not None for s in shards)
         self.seed, self.rank, self.world_size, self.batch_size = seed, rank, world_size, batch_size
         # Documents packed into blocks give no fixed item count: aligning them to batches
@@ -322,10 +323,11 @@ class ShardStream(IterableDataset):
         buffer, locators, size, random = self._buffer, self._buffer_locators, self.shuffle_buffer, rng.generator.random
         if state["consumed"] == 0:  # a fresh segment (a resume inside one restored the draws)
             rng.reseed(self.seed, self.rank, self._worker, state["epoch"], state["segment"], state["draw"])
-        direct = self.processor.one_to_one or size <= 1  # items go out in order: no mixing in pending
+        processor, one_to_one, urls = self.processor, self.processor.one_to_one, self._urls
+        direct = one_to_one or size <= 1  # items go out in order: no mixing in pending
         bucket = self.bucket
         shard, first = segment.shard, segment.start
-        url = self.shards[shard].url
+        url = urls[shard]
         bounded = segment.stop < (1 << 62)  # resampled draws of shards without counts are not
         remaining = len(segment) - state["consumed"]
         failure = None
@@ -375,7 +377,17 @@ class ShardStream(IterableDataset):
                         locators[index], locators[-1] = locators[-1], locators[index]
                         key, sample = buffer.pop()
                         locator = locators.pop()
-                    items = self._process(locator, key, sample)
+                    try:  # _process, inline: once per sample
+                        items = processor(key, sample, urls[locator[0]])
+                    except SampleError as exc:
+                        self._fault(urls[locator[0]], key, str(exc))
+                        items = ()
+                    except SampleFiltered:
+                        counters["filtered_samples"] += 1
+                        items = ()
+                    else:
+                        if one_to_one:
+                            self._last_good = locator
                     if direct and not pending and len(items) == 1:
                         state["yielded"] += 1
                         yield items[0]
