@@ -40,6 +40,7 @@ def _cmd_shards_text(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         workers=args.workers,
         shards_per_chunk=args.shards_per_chunk,
+        metadata=args.metadata,
     )
     # Skipped files were already reported one by one as warnings.
     print(f"{summary['documents']} documents -> {summary['samples']} samples; {len(summary['skipped'])} files skipped")
@@ -53,7 +54,7 @@ def _cmd_shards_images(args: argparse.Namespace) -> None:
     summary = write_image_shards(
         args.input or [], args.output, list_file=args.list, include=args.include, val_fraction=args.val_fraction,
         max_samples=args.max_samples, max_samples_per_shard=args.max_samples_per_shard,
-        max_shard_bytes=args.max_shard_bytes, seed=args.seed, overwrite=args.overwrite,
+        max_shard_bytes=args.max_shard_bytes, seed=args.seed, overwrite=args.overwrite, metadata=args.metadata,
     )
     classes = f", {len(summary['classes'])} classes" if summary["classes"] else ""
     print(f"{summary['images']} images{classes}; {len(summary['skipped'])} skipped")
@@ -160,15 +161,21 @@ def _cmd_data_inspect(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
-_EVAL_KEYS = {"data.train": str, "data.val": str, "data.test": str, "data.batch_size": int, "data.on_error": str}
+_EVAL_KEYS = {"data.train": str, "data.val": str, "data.test": str, "data.batch_size": int, "data.on_error": str,
+              "data.seq_len": int}
 
 
-def _eval_options(overrides: List[str]) -> dict:
+def _eval_options(overrides: List[str], rest: Optional[List[str]] = None) -> dict:
+    """The evaluation keys of ``overrides``; others go to ``rest`` when given (fit's options of a
+    fine-tuning run), else are an error."""
     from framework.errors import ConfigError
 
     options = {"data.batch_size": 256, "data.on_error": "skip"}
     for item in overrides:
         key, sep, value = item.partition("=")
+        if rest is not None and sep and key not in ("data.train", "data.val", "data.test", "data.on_error"):
+            rest.append(item)
+            continue
         if not sep or key not in _EVAL_KEYS:
             raise ConfigError(f"command line: unknown option {item!r} (known: {', '.join(f'{k}=...' for k in _EVAL_KEYS)})")
         try:
@@ -206,9 +213,14 @@ def _cmd_eval_downstream(args: argparse.Namespace) -> None:
     from framework.evaluate.downstream.modes import LinearGrid
     from framework.evaluate.downstream.report import DownstreamOptions, format_table, run_downstream
 
-    options = _eval_options(args.overrides)
+    fit_overrides: List[str] = []
+    options = _eval_options(args.overrides, fit_overrides if args.mode == "finetune" else None)
     if "data.train" not in options:
         raise ConfigError("data.train=<labelled shards> is required: the labels the probe learns from")
+    if args.mode == "finetune":
+        from framework.evaluate.downstream.finetune import check_overrides
+
+        check_overrides(fit_overrides)
     try:
         fractions = [float(f) for f in args.label_fraction.split(",")]
     except ValueError:
@@ -216,10 +228,13 @@ def _cmd_eval_downstream(args: argparse.Namespace) -> None:
     results = run_downstream(DownstreamOptions(
         checkpoint=args.checkpoint, train=options["data.train"], val=options["data.val"], test=options.get("data.test"),
         modes=[args.mode], fractions=fractions, seeds=args.seeds, output=args.output, group_key=args.group_key,
-        group_threshold=args.group_threshold, k=args.k, temperature=args.temperature,
-        grid=LinearGrid(batchnorm=not args.no_batchnorm), batch_size=options["data.batch_size"],
-        on_error=options["data.on_error"]))
-    print(f"{args.mode} on frozen features of {args.checkpoint}: test accuracy on {results['test_samples']} samples "
+        group_threshold=args.group_threshold, k=getattr(args, "k", 20), temperature=getattr(args, "temperature", 0.07),
+        grid=LinearGrid(batchnorm=not getattr(args, "no_batchnorm", False)), batch_size=options["data.batch_size"],
+        on_error=options["data.on_error"], seq_len=options.get("data.seq_len"), from_scratch=getattr(args, "from_scratch", False), overrides=fit_overrides))
+    if not results:  # a rank other than 0 of a distributed fine-tuning
+        return
+    what = "fine-tuned from" if args.mode == "finetune" else "on frozen features of"
+    print(f"{args.mode} {what} {args.checkpoint}: test accuracy on {results['test_samples']} samples "
           f"(mean ± std over {args.seeds} label subset(s))")
     print(format_table(results))
     for mode, worst in results.get("subgroups", {}).items():
@@ -283,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--include", nargs="*", help="file name patterns to keep in directories, e.g. '*.py' '*.txt'")
     text.add_argument("--max-chars", type=int, default=20000, help="longer documents are split at line ends")
     text.add_argument("--val-fraction", type=float, default=0.0, help="documents held out into OUTPUT/val")
+    text.add_argument("--metadata", help="a .tsv (with header) or .jsonl list file: a path column and any others "
+                      "(a label, a source) into each sample's json; 'label' becomes the class")
     _add_writer_args(text)
     text.set_defaults(func=_cmd_shards_text)
 
@@ -293,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--output", "-o", required=True, help="output directory")
     images.add_argument("--include", nargs="*", help="file name patterns to keep in folders (default: common image types)")
     images.add_argument("--val-fraction", type=float, default=0.0, help="images held out into OUTPUT/val")
+    images.add_argument("--metadata", help="a .tsv (with header) or .jsonl list file: a path column and any others "
+                        "(a writer, a source) into each sample's json, for per-group evaluation")
     images.add_argument("--max-samples", type=int, default=None, help="write at most this many images (a seeded random subset)")
     images.add_argument("--max-samples-per-shard", type=int, default=1000)
     images.add_argument("--max-shard-bytes", type=int, default=64 * 2**20)
@@ -372,9 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     targets.set_defaults(func=_cmd_audio_targets)
 
     for mode, description in (("linear", "a linear probe on frozen features (grid chosen on validation, never test)"),
-                              ("knn", "weighted kNN on frozen features (DINO's k=20, T=0.07)")):
+                              ("knn", "weighted kNN on frozen features (DINO's k=20, T=0.07)"),
+                              ("finetune", "fine-tune the whole network through fit (best validation checkpoint)")):
         probe = evaluate.add_parser(mode, help=f"{description}, with few labels and per-subgroup results")
-        probe.add_argument("--checkpoint", required=True, help="a checkpoint or run directory (vision, CLIP, speech)")
+        probe.add_argument("--checkpoint", required=True, help="a checkpoint or run directory (text, vision, CLIP, speech)")
         probe.add_argument("--label-fraction", default="1.0", help="comma-separated fractions of data.train's labels, "
                            "each class-balanced (e.g. 0.01,0.1,1.0)")
         probe.add_argument("--seeds", type=int, default=1, help="label subsets per fraction (mean ± std)")
@@ -382,11 +402,21 @@ def build_parser() -> argparse.ArgumentParser:
         probe.add_argument("--group-threshold", type=float, help="groups below this accuracy are named "
                            "(default: overall - 0.05)")
         probe.add_argument("--output", "-o", default="downstream", help="results.json/.csv, plots, subgroup reports")
-        probe.add_argument("--k", type=int, default=20, help="kNN: neighbours")
-        probe.add_argument("--temperature", type=float, default=0.07, help="kNN: vote temperature")
-        probe.add_argument("--no-batchnorm", action="store_true", help="linear: no feature standardisation")
-        probe.add_argument("overrides", nargs="*", help="data.train=... data.val=... [data.test=...] "
-                           "[data.batch_size=...] [data.on_error=skip|raise]")
+        if mode == "knn":
+            probe.add_argument("--k", type=int, default=20, help="neighbours")
+            probe.add_argument("--temperature", type=float, default=0.07, help="vote temperature")
+        if mode == "linear":
+            probe.add_argument("--no-batchnorm", action="store_true", help="no feature standardisation")
+        if mode == "finetune":
+            probe.add_argument("--from-scratch", action="store_true",
+                               help="also train the same network from random weights: the baseline")
+            probe.add_argument("overrides", nargs="*", help="data.train=... data.val=... [data.test=...] "
+                               "[data.on_error=skip|raise] and fit's options: trainer.max_steps=300 trainer.devices=2 "
+                               "optim.lr=1e-3 objective.layer_decay=0.75 objective.label_smoothing=0.1 "
+                               "objective.mixup=0.8 objective.patience=3 data.batch_size=32 ...")
+        else:
+            probe.add_argument("overrides", nargs="*", help="data.train=... data.val=... [data.test=...] "
+                               "[data.batch_size=...] [data.on_error=skip|raise]")
         probe.set_defaults(func=_cmd_eval_downstream, mode=mode)
 
     launch = sub.add_parser("launch", help="start `fit` on many processes: torchrun (one box or several) or Slurm")

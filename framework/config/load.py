@@ -35,6 +35,12 @@ def load_config(config_path: str | None, overrides: list[str]) -> RunConfig:
     return _build(sources, where)
 
 
+def compose_config(base: dict[str, Any], overrides: list[str], label: str) -> RunConfig:
+    """``base`` (a config as a dict, named ``label`` in errors) with command-line ``overrides``."""
+    sources = [(label, base), (COMMAND_LINE, _parse_overrides(overrides))]
+    return _build(sources, f"in {label} or on the command line")
+
+
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Inverse of ``config_to_dict`` (e.g. for a checkpoint's saved hyperparameters), same validation."""
     return _build([("config dict", dict(data))], "in the config dict")

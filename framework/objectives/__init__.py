@@ -20,6 +20,7 @@ OBJECTIVES = {
     "clip": "framework.objectives.clip",
     "wav2vec2": "framework.objectives.wav2vec2",
     "hubert": "framework.objectives.hubert",
+    "finetune": "framework.objectives.finetune",
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -69,6 +69,25 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> List[Dict[str, A
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def layer_decay_groups(module: nn.Module, weight_decay: float, lr: float, layer_of: Callable[[str], int],
+                       num_layers: int, decay: float) -> List[Dict[str, Any]]:
+    """``parameter_groups`` split by layer, each with lr ``lr * decay ** (num_layers + 1 - layer)``
+    (MAE's layer-wise decay: the head and last layer learn at ``lr``, the embeddings slowest)."""
+    groups: Dict[tuple, Dict[str, Any]] = {}
+    seen: set = set()
+    for name, param in module.named_parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        layer = min(layer_of(name), num_layers + 1)
+        decayed = param.ndim >= 2
+        group = groups.setdefault((layer, decayed), {
+            "params": [], "weight_decay": weight_decay if decayed else 0.0,
+            "lr": lr * decay ** (num_layers + 1 - layer), "layer": layer})
+        group["params"].append(param)
+    return [groups[key] for key in sorted(groups)]
+
+
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
     """Multiplier of the base learning rate at ``step``."""
     if step < warmup_steps:
@@ -77,10 +96,12 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(module: nn.Module, cfg: OptimConfig, max_steps: int) -> Dict[str, Any]:
-    """What ``LightningModule.configure_optimizers`` returns."""
+def build_optimizer(module: nn.Module, cfg: OptimConfig, max_steps: int,
+                    groups: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """What ``LightningModule.configure_optimizers`` returns; ``groups`` (with their own ``lr``)
+    replace the default decay / no-decay split."""
     check_optim(cfg)
-    groups = parameter_groups(module, cfg.weight_decay)
+    groups = groups if groups is not None else parameter_groups(module, cfg.weight_decay)
     if cfg.name == "adamw":
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     elif cfg.name == "lars":

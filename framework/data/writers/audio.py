@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from framework.data.files import expand_inputs_with_names
+from framework.data.writers.list_file import ListFile
 from framework.data.writers.parallel import Sample, Skip, SplitResult, write_parallel
 from framework.errors import DataError
 
@@ -42,9 +43,6 @@ class AudioInfo(NamedTuple):
     @property
     def duration(self) -> float:
         return self.frames / self.sample_rate
-
-
-Entry = tuple  # (key as written, transcript or None, ((column, value), ...))
 
 
 class AudioItem(NamedTuple):
@@ -192,129 +190,11 @@ def _process_audio(item: AudioItem, verify: bool) -> Skip | list[Sample]:
 _RESERVED = ("duration", "sample_rate", "channels", "frames", "format", "source", "label")
 
 
-class Transcripts:
-    """A list file (.tsv with a header, or .jsonl) of transcripts and/or other columns, matched to audio files.
-
-    An entry's key is an audio path (absolute, or relative to the mapping's directory or to
-    an input directory) or a bare file name or stem. Columns other than the audio name and the
-    transcript are kept as the entry's ``extra`` fields (an entry may have only those). Bad
-    lines are kept in ``bad``.
-    """
+class Transcripts(ListFile):
+    """The audio writer's list file: transcripts and other columns (a speaker, an accent)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(os.path.expanduser(str(path)))
-        self.by_path: dict[str, Entry] = {}  # abspath -> (key, text, extra)
-        self.by_name: dict[str, Entry] = {}  # as written: relative path, name or stem
-        self.by_stem: dict[str, Entry] = {}  # a bare name's stem: "x.mp3" also names x.wav
-        self.bad: list[tuple[str, str]] = []
-        self.used: set[str] = set()
-        if not self.path.is_file():
-            raise DataError(f"transcripts file not found: {path}")
-        suffix = self.path.suffix.lower()
-        try:
-            lines = self.path.read_text(encoding="utf-8-sig").splitlines()
-        except UnicodeDecodeError as err:
-            raise DataError(f"transcripts file {self.path} is not valid UTF-8 (byte {err.start})") from err
-        except OSError as err:
-            raise DataError(f"cannot read transcripts file {self.path}: {err.strerror}") from err
-        if suffix == ".tsv":
-            self._read_tsv(lines)
-        elif suffix in (".jsonl", ".ndjson"):
-            self._read_jsonl(lines)
-        else:
-            raise DataError(f"transcripts file {self.path}: unsupported format {suffix or '(none)'}; use .tsv or .jsonl")
-        if not self.by_path and not self.by_name:
-            first = f" (first bad line: {self.bad[0][0]}: {self.bad[0][1]})" if self.bad else ""
-            raise DataError(f"transcripts file {self.path} has no usable entry{first}")
-
-    def _add(self, line_no: int, key: str, text: Any, extra: dict[str, Any] | None = None) -> None:
-        where = f"{self.path}:{line_no}"
-        extra = extra or {}
-        clash = sorted(set(extra) & set(_RESERVED))
-        if clash:
-            raise DataError(f"{where}: column {clash[0]!r} is a field the audio writer sets itself; rename it")
-        if text is not None and not isinstance(text, str):
-            self.bad.append((where, f"transcript is not text ({type(text).__name__})"))
-            return
-        if (text is None or not text.strip()) and not extra:
-            self.bad.append((where, "empty transcript"))
-            return
-        text = text.strip() if text is not None and text.strip() else None
-        entry = (key.strip(), text, tuple(sorted(extra.items())))
-        key = key.strip()
-        if not key:
-            self.bad.append((where, "empty audio name"))
-            return
-        if "/" in key or os.path.isabs(key):
-            table, index = self.by_path, os.path.abspath(self.path.resolve().parent / os.path.expanduser(key))
-            self.by_name.setdefault(Path(key).as_posix(), entry)  # relative to an input root
-        else:
-            table, index = self.by_name, key
-        if index in table:
-            self.bad.append((where, f"second transcript for {key!r} (the first one is kept)"))
-            return
-        table[index] = entry
-        if table is self.by_name and Path(key).suffix:
-            self.by_stem.setdefault(Path(key).stem, entry)
-
-    def _read_tsv(self, lines: list[str]) -> None:
-        start, key_col, text_col, names = 0, 0, 1, []
-        if lines:
-            names = [h.strip() for h in lines[0].split("\t")]
-            header = [h.lower() for h in names]
-            keys = [i for i, h in enumerate(header) if h in _KEY_FIELDS]
-            texts = [i for i, h in enumerate(header) if h in _TEXT_FIELDS]
-            if keys:  # e.g. Common Voice: client_id, path, sentence, ..., accents, gender
-                start, key_col, text_col = 1, keys[0], texts[0] if texts else None
-        for line_no, line in enumerate(lines[start:], start=start + 1):
-            if not line.strip():
-                continue
-            fields = line.split("\t") if start else line.split("\t", 1)
-            if len(fields) <= max(key_col, text_col or 0):
-                self.bad.append((f"{self.path}:{line_no}", "expected audio<TAB>transcript"))
-                continue
-            extra = {name: value for i, (name, value) in enumerate(zip(names, fields))
-                     if start and i not in (key_col, text_col) and name}
-            self._add(line_no, fields[key_col], fields[text_col] if text_col is not None else None, extra)
-
-    def _read_jsonl(self, lines: list[str]) -> None:
-        for line_no, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                self.bad.append((f"{self.path}:{line_no}", f"invalid JSON ({err.msg})"))
-                continue
-            if not isinstance(row, dict):
-                self.bad.append((f"{self.path}:{line_no}", "not a JSON object"))
-                continue
-            key_field = next((k for k in _KEY_FIELDS if isinstance(row.get(k), str)), None)
-            text_field = next((k for k in _TEXT_FIELDS if k in row), None)
-            if key_field is None:
-                self.bad.append((f"{self.path}:{line_no}", f"no audio name (one of {', '.join(_KEY_FIELDS)})"))
-                continue
-            extra = {k: v for k, v in row.items() if k not in (key_field, text_field)}
-            self._add(line_no, row[key_field], row.get(text_field) if text_field else None, extra)
-
-    def lookup(self, path: Path, relative_name: str) -> tuple[str | None, tuple[tuple[str, Any], ...]] | None:
-        """(transcript or None, extra fields) of audio file ``path`` (``relative_name`` below its input root), or None."""
-        for table, key in (
-            (self.by_path, str(path)),
-            (self.by_name, relative_name),
-            (self.by_name, path.name),
-            (self.by_name, path.stem),
-            (self.by_stem, path.stem),
-        ):
-            hit = table.get(key)
-            if hit is not None:
-                self.used.add(hit[0])
-                return hit[1], hit[2]
-        return None
-
-    def unused(self) -> list[str]:
-        keys = [entry[0] for entry in self.by_path.values()] + [entry[0] for entry in self.by_name.values()]
-        return sorted({k for k in keys if k not in self.used})
+        super().__init__(path, "transcripts", "audio", _KEY_FIELDS, _TEXT_FIELDS, _RESERVED)
 
 
 def write_audio_shards(

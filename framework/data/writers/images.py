@@ -15,6 +15,7 @@ same square size and the same colour mode, which is what ``data.image_size: 0`` 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import random
 from contextlib import ExitStack
@@ -98,8 +99,12 @@ def write_image_shards(
     max_shard_bytes: int = 64 * 2**20,
     seed: int = 0,
     overwrite: bool = False,
+    metadata: Optional[str] = None,
 ) -> dict[str, Any]:
     """Write images (``inputs``: folders/files/globs, or ``list_file``) as shuffled shards.
+
+    ``metadata``: a .tsv (with header) or .jsonl list file of per-image columns (a writer, a
+    stroke width, a source) keyed by path, written into each sample's ``json`` with its source.
 
     With ``val_fraction > 0`` shards go to ``output/train`` and ``output/val`` (split by a
     stable hash of each image's relative path), else to ``output``. ``max_samples`` caps the
@@ -122,6 +127,18 @@ def write_image_shards(
         files = expand_inputs_with_names(inputs, include or IMAGE_PATTERNS)
         labels, classes = _folder_labels(files)
 
+    columns: dict[int, tuple] = {}
+    if metadata:
+        from framework.data.writers.list_file import ListFile
+
+        table = ListFile(metadata, "metadata", "image", ("path", "image", "file", "filename", "file_name", "id"), (),
+                         ("source", "label"))
+        for where, reason in table.bad:
+            log.warning("metadata %s: %s", where, reason)
+        columns = {i: (table.lookup(path, name) or (None, ()))[1] for i, (path, name) in enumerate(files)}
+        unused = table.unused()
+        if unused:
+            log.warning("%d metadata entr(ies) of %s match no image (e.g. %s)", len(unused), table.path, ", ".join(unused[:3]))
     order = list(range(len(files)))
     random.Random(seed).shuffle(order)  # shards are not sorted by class folder
     if max_samples is not None:
@@ -165,6 +182,8 @@ def write_image_shards(
                 members = {ext: data}
                 if labels[index] is not None:
                     members["cls"] = str(labels[index]).encode("ascii")
+                if columns.get(index):
+                    members["json"] = json.dumps({"source": name, **dict(columns[index])}, sort_keys=True).encode()
                 split = "val" if val_fraction > 0 and split_score(name, seed) < val_fraction else "train"
                 writers[split].write(f"i{index:09d}", members)
                 counts[split] += 1

@@ -2,7 +2,10 @@
 
 Every input file is one document; long documents are cut at line boundaries into
 consecutive chunks so that concatenating a document's chunks in key order gives back
-the file exactly. Writing runs in parallel and resumes after a crash through
+the file exactly. With a ``metadata`` list file (.tsv/.jsonl: a path column and any others),
+each sample also gets a ``json`` member with its file's columns and its source path; a
+``label`` column becomes the class (``cls``): integers as they are, names numbered in sorted
+order (the manifest's ``classes``). A file the list does not name is written without them. Writing runs in parallel and resumes after a crash through
 :mod:`framework.data.writers.parallel`.
 """
 from __future__ import annotations
@@ -75,6 +78,9 @@ class TextItem(NamedTuple):
     split: str
     size: int
     mtime_ns: int
+    name: str = ""  # relative to its input root
+    extra: tuple = ()  # the metadata list file's columns for this file
+    label: int | None = None
 
 
 def _process_text(item: TextItem, max_chars: int) -> Skip | list[Sample]:
@@ -82,10 +88,30 @@ def _process_text(item: TextItem, max_chars: int) -> Skip | list[Sample]:
     text, reason = read_text_file(Path(item.path))
     if text is None:
         return Skip(item.path, reason or "unreadable")
+    extra: dict[str, bytes] = {}
+    if item.extra or item.label is not None:
+        import json
+
+        extra["json"] = json.dumps({"source": item.name, **dict(item.extra)}, ensure_ascii=False, sort_keys=True).encode()
+    if item.label is not None:
+        extra["cls"] = str(item.label).encode("ascii")
     return [
-        Sample(sample_key(item.doc_index, chunk), {"txt": piece.encode("utf-8")}, split=item.split)
+        Sample(sample_key(item.doc_index, chunk), {"txt": piece.encode("utf-8"), **extra}, split=item.split)
         for chunk, piece in enumerate(split_document(text, max_chars))
     ]
+
+
+_META_NAME_FIELDS = ("path", "file", "filename", "file_name", "id")
+_META_RESERVED = ("source",)
+
+
+def _metadata_labels(entries: list[tuple]) -> tuple[dict[str, Any], list[str]]:
+    """{label value as written: class index}, and the class names when the labels are names."""
+    values = {str(dict(extra)["label"]) for extra in entries if "label" in dict(extra)}
+    if all(v.lstrip("-").isdigit() for v in values):
+        return {v: int(v) for v in values}, []
+    classes = sorted(values)
+    return {v: i for i, v in enumerate(classes)}, classes
 
 
 def write_text_shards(
@@ -100,6 +126,7 @@ def write_text_shards(
     overwrite: bool = False,
     workers: int | None = None,
     shards_per_chunk: int = 8,
+    metadata: str | None = None,
 ) -> dict[str, Any]:
     """Write text files (files, directories, globs) as shuffled webdataset shards under ``output``.
 
@@ -144,6 +171,18 @@ def write_text_shards(
         stale_dirs = [out / "train", out / "val"]
     # stale_dirs: shards of the other layout from an earlier run would be just as misleading.
 
+    table, found = None, {}
+    if metadata:
+        from framework.data.writers.list_file import ListFile
+
+        table = ListFile(metadata, "metadata", "text", _META_NAME_FIELDS, (), _META_RESERVED)
+        for where, reason in table.bad:
+            log.warning("metadata %s: %s", where, reason)
+        found = {index: (table.lookup(path, name) or (None, ()))[1] for index, (path, name) in enumerate(files)}
+        unused = table.unused()
+        if unused:
+            log.warning("%d metadata entr(ies) of %s match no input file (e.g. %s)", len(unused), table.path, ", ".join(unused[:3]))
+    label_index, classes = _metadata_labels(list(found.values()))
     order = list(range(len(files)))
     random.Random(seed).shuffle(order)  # so shards are not sorted by directory
     items = []
@@ -154,9 +193,14 @@ def write_text_shards(
         except OSError as err:
             raise DataError(f"cannot read {path}: {err.strerror}") from err
         split = "val" if held_out[doc_index] else "train"
-        items.append(TextItem(doc_index, str(path), split, stat.st_size, stat.st_mtime_ns))
+        columns = found.get(doc_index, ())
+        label = dict(columns).get("label")
+        items.append(TextItem(doc_index, str(path), split, stat.st_size, stat.st_mtime_ns, files[doc_index][1], columns,
+                              label_index[str(label)] if label is not None else None))
 
     extra = {"source": "text", "max_chars_per_sample": max_chars_per_sample, "seed": seed, "val_fraction": val_fraction}
+    if table is not None:
+        extra.update(classes=classes, metadata=str(table.path))
 
     def manifest_extra(name: str, result: SplitResult) -> dict[str, Any]:
         return {**extra, "split": name, "documents": result.items}
@@ -173,7 +217,8 @@ def write_text_shards(
         out,
         writer="text",
         modality="text",
-        options={"max_chars_per_sample": max_chars_per_sample, "seed": seed, "val_fraction": val_fraction},
+        options={"max_chars_per_sample": max_chars_per_sample, "seed": seed, "val_fraction": val_fraction,
+                 **({"metadata": str(table.path.resolve())} if table is not None else {})},
         splits=split_dirs,
         stale_dirs=stale_dirs,
         max_samples_per_shard=max_samples_per_shard,

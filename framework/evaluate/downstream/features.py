@@ -1,8 +1,9 @@
-"""Labelled shards -> frozen features of a checkpoint's backbone, computed once and cached.
+"""Labelled shards -> frozen features of a checkpoint's encoder, computed once and cached.
 
-Any checkpoint ``load_backbone`` serves: a vision objective's image backbone (CLIP's image
-tower too) on image shards, a speech objective's audio encoder (mean over valid frames) on audio
-shards, decoded exactly as its training loader did (image size and channels; sample rate). The
+Any modality (``encoders.py``): a text transformer's pooled states on text shards, a vision
+objective's image backbone (CLIP's image tower too) on image shards, a speech objective's audio
+encoder (mean over valid frames) on audio shards, decoded as its training loader did (tokenizer;
+image size and channels; sample rate). The
 features are cached under the output directory, keyed by the checkpoint file and the shards'
 sizes and times, so another label fraction, seed or mode does not embed again.
 """
@@ -14,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -36,48 +37,34 @@ def _cache_key(checkpoint: Path, urls: List[str]) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
-def _loader(backbone: torch.nn.Module, cfg: Any, shards: list, batch_size: int, on_error: str):
-    from framework.data.loader import val_loader
-
-    data = copy.deepcopy(cfg.data)
-    data.val_batch_size, data.on_error, data.num_workers = batch_size, on_error, 0
-    if hasattr(backbone, "contextualize"):  # a speech encoder
-        from framework.data.audio import AudioDecoder, collate_audio
-
-        processor = AudioDecoder(data, 0, crop=False, with_labels=True, conv_layers=cfg.model.conv_layers)
-        return "audio", val_loader(shards, processor, data, seed=0, rank=0, world_size=1, collate_fn=collate_audio)
-    from framework.data.images import ImageDecoder, collate_labelled
-
-    size = int(getattr(backbone, "image_size", 0) or data.image_size)
-    processor = ImageDecoder(size, data.channels, with_labels=True)
-    return "image", val_loader(shards, processor, data, seed=0, rank=0, world_size=1, collate_fn=collate_labelled)
-
-
 def embed_split(checkpoint: str | Path, spec: str, key: str, cache_dir: Path, batch_size: int = 256,
-                on_error: str = "skip") -> Split:
+                on_error: str = "skip", seq_len: Optional[int] = None) -> Split:
     """The checkpoint's frozen features of every labelled sample of ``spec`` (shards)."""
-    from framework.augment import to_float_images
+    from framework.data.labelled import labelled_processor
+    from framework.data.loader import val_loader
     from framework.data.sources import resolve_shards
-    from framework.evaluate.backbone import load_backbone, read_run_config, resolve_checkpoint
+    from framework.evaluate.backbone import resolve_checkpoint
+    from framework.evaluate.downstream.encoders import pretrained_encoder
 
     path = resolve_checkpoint(checkpoint, key="--checkpoint")
     shards = resolve_shards(spec, key)
-    cached = cache_dir / f"{key.replace('.', '-')}-{_cache_key(path, [s.url for s in shards])}.npz"
+    cached = cache_dir / f"{key.replace('.', '-')}-{_cache_key(path, [s.url for s in shards])}{f'-{seq_len}' if seq_len else ''}.npz"
     if cached.exists():
         with np.load(cached) as saved:
             return Split(saved["features"], saved["labels"], saved["ids"])
-    try:
-        backbone = load_backbone(path)
-    except ConfigError as exc:
-        raise ConfigError(f"{exc}: downstream evaluation serves vision and speech checkpoints") from None
-    modality, loader = _loader(backbone, read_run_config(path, key="--checkpoint"), shards, batch_size, on_error)
+    encoder, cfg = pretrained_encoder(path)
+    modality, data = encoder.modality, copy.deepcopy(cfg.data)
+    data.val_batch_size, data.on_error, data.num_workers = batch_size, on_error, 0
+    if seq_len:
+        if seq_len > getattr(cfg.model, "max_seq_len", seq_len):
+            raise ConfigError(f"data.seq_len={seq_len} exceeds the checkpoint's model.max_seq_len={cfg.model.max_seq_len}")
+        data.seq_len = seq_len
+    processor, collate = labelled_processor(modality, data, 0, False, getattr(cfg.model, "conv_layers", None), encoder.pad_id)
+    loader = val_loader(shards, processor, data, seed=0, rank=0, world_size=1, collate_fn=collate)
     features, labels, ids = [], [], []
     with torch.no_grad():
         for batch in loader:
-            if modality == "audio":
-                out = backbone(batch["wave"], batch["length"])
-            else:
-                out = backbone(to_float_images(batch["image"]))
+            out = encoder(batch)
             features.append(out.float().numpy()), labels.append(batch["label"].numpy()), ids.append(batch["id"].numpy())
     if not features:
         raise DataError(f"{key}={spec}: no sample decoded as {modality}: the checkpoint is a {modality} model "

@@ -1,4 +1,5 @@
-"""``pretrain eval linear|knn``: label fractions x seeds x modes on a checkpoint's frozen features.
+"""``pretrain eval linear|knn|finetune``: label fractions x seeds x modes; the frozen modes on a
+checkpoint's cached features, fine-tuning through ``fit`` (``finetune.py``).
 
 Splits: label subsets are drawn from ``data.train``; the linear probe's grid is chosen on
 ``data.val``; the figures are on ``data.test``. Without ``data.test``, ``data.val`` is the test
@@ -21,7 +22,7 @@ from framework.evaluate.downstream.modes import LinearGrid, knn_mode, linear_mod
 from framework.evaluate.downstream.subgroups import subgroup_report, write_subgroup_report
 from framework.evaluate.downstream.subsets import balanced_subset
 
-MODES = ("linear", "knn")
+MODES = ("linear", "knn", "finetune")
 
 
 @dataclass
@@ -41,9 +42,12 @@ class DownstreamOptions:
     grid: LinearGrid = field(default_factory=LinearGrid)
     batch_size: int = 256
     on_error: str = "skip"
+    seq_len: Optional[int] = None  # text: tokens per document (default: the pretraining's data.seq_len)
+    from_scratch: bool = False  # finetune: also the same network from random weights
+    overrides: List[str] = field(default_factory=list)  # finetune: fit's key=value options
 
 
-def _selection_part(ids: np.ndarray) -> np.ndarray:
+def selection_part(ids: np.ndarray) -> np.ndarray:
     return (ids % 5) == 0  # a fixed fifth by key hash: the same for any fraction, seed or mode
 
 
@@ -53,18 +57,50 @@ def run_downstream(o: DownstreamOptions) -> Dict[str, Any]:
             raise ConfigError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
     out = Path(o.output)
     out.mkdir(parents=True, exist_ok=True)
+    test_key = "data.test" if o.test else "data.val"
+    if o.group_key:  # a group key no sample has: said before any work
+        read_groups(o.test or o.val, test_key, o.group_key, np.empty(0, dtype=np.int64))
+    if o.modes == ["finetune"]:
+        from framework.evaluate.downstream.finetune import finetune_rows
+
+        rows, kept, test_labels, test_ids, test_spec = finetune_rows(o)
+        if not rows:  # a rank other than 0: rank 0 reports
+            return {}
+    else:
+        rows, kept, test_labels, test_ids, test_spec = _frozen_rows(o, out)
+    groups = read_groups(test_spec, test_key, o.group_key, test_ids) if o.group_key else None
+    summary = _summarise(rows)
+    results = {"checkpoint": str(o.checkpoint), "train": o.train, "val": o.val, "test": test_spec,
+               "test_samples": int(len(test_labels)), "rows": rows, "summary": summary}
+    _write_tables(results, out)
+    if groups is not None:
+        results["subgroups"] = {}
+        for mode, predicted in kept.items():
+            report = subgroup_report(test_labels, predicted, groups, o.group_threshold)
+            where = out / "subgroups" / mode
+            where.mkdir(parents=True, exist_ok=True)
+            write_subgroup_report(report, test_labels, predicted, groups, o.group_key,
+                                  f"{mode}, {max(o.fractions):.0%} of the labels, seed 0", where)
+            results["subgroups"][mode] = {"worst_group": report["worst_group"], "report": str(where / "report.md"),
+                                          **{k: report["groups"][report["worst_group"]][k] for k in ("accuracy", "accuracy_ci")}}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def _frozen_rows(o: DownstreamOptions, out: Path) -> tuple:
+    """linear / knn on cached features: (rows, predictions kept for the subgroup report, test
+    labels, test ids, test spec)."""
     cache = out / "features"
-    train = embed_split(o.checkpoint, o.train, "data.train", cache, o.batch_size, o.on_error)
-    val = embed_split(o.checkpoint, o.val, "data.val", cache, o.batch_size, o.on_error)
+    train = embed_split(o.checkpoint, o.train, "data.train", cache, o.batch_size, o.on_error, o.seq_len)
+    val = embed_split(o.checkpoint, o.val, "data.val", cache, o.batch_size, o.on_error, o.seq_len)
     if o.test:
-        test, test_spec = embed_split(o.checkpoint, o.test, "data.test", cache, o.batch_size, o.on_error), o.test
+        test, test_spec = embed_split(o.checkpoint, o.test, "data.test", cache, o.batch_size, o.on_error, o.seq_len), o.test
         pool, select = train, val
     else:
-        held = _selection_part(train.ids)
+        held = selection_part(train.ids)
         pool = Split(train.features[~held], train.labels[~held], train.ids[~held])
         select = Split(train.features[held], train.labels[held], train.ids[held])
         test, test_spec = val, o.val
-    groups = read_groups(test_spec, "data.test" if o.test else "data.val", o.group_key, test.ids) if o.group_key else None
     rows: List[Dict[str, Any]] = []
     kept: Dict[str, np.ndarray] = {}
     for fraction in o.fractions:
@@ -81,22 +117,7 @@ def run_downstream(o: DownstreamOptions) -> Dict[str, Any]:
                              "accuracy": accuracy, **{k: v for k, v in chosen.items() if k != "grid"}})
                 if fraction == max(o.fractions) and seed == 0:
                     kept[mode] = predicted
-    summary = _summarise(rows)
-    results = {"checkpoint": str(o.checkpoint), "train": o.train, "val": o.val, "test": test_spec,
-               "test_samples": int(len(test.labels)), "rows": rows, "summary": summary}
-    _write_tables(results, out)
-    if groups is not None:
-        results["subgroups"] = {}
-        for mode, predicted in kept.items():
-            report = subgroup_report(test.labels, predicted, groups, o.group_threshold)
-            where = out / "subgroups" / mode
-            where.mkdir(parents=True, exist_ok=True)
-            write_subgroup_report(report, test.labels, predicted, groups, o.group_key,
-                                  f"{mode}, {max(o.fractions):.0%} of the labels, seed 0", where)
-            results["subgroups"][mode] = {"worst_group": report["worst_group"], "report": str(where / "report.md"),
-                                          **{k: report["groups"][report["worst_group"]][k] for k in ("accuracy", "accuracy_ci")}}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    return results
+    return rows, kept, test.labels, test.ids, test_spec
 
 
 def _summarise(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -112,7 +133,7 @@ def _summarise(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 def _write_tables(results: Dict[str, Any], out: Path) -> None:
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["mode", "fraction", "seed", "labels", "accuracy", "lr", "weight_decay",
-                                                    "k", "temperature"], extrasaction="ignore")
+                                                    "k", "temperature", "val_accuracy", "best_step"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(results["rows"])
     import matplotlib
