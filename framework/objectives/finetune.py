@@ -121,12 +121,13 @@ class Objective(LightningModule):
         return build_optimizer(self, self.cfg.optim, self.cfg.trainer.max_steps, groups)
 
 
-def adopt_pretrained(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with the pretrained run's model section and data facts, and its objective's name."""
+def adopt_pretrained(cfg: RunConfig, pretrained: RunConfig | None = None) -> RunConfig:
+    """``cfg`` with the pretrained run's model section and data facts, and its objective's name
+    (``pretrained``: that run's config, read from ``objective.checkpoint`` when not given)."""
     from framework.evaluate.backbone import read_run_config
 
     o = cfg.objective
-    pretrained = read_run_config(o.checkpoint, key="objective.checkpoint")
+    pretrained = pretrained or read_run_config(o.checkpoint, key="objective.checkpoint")
     modality_of(pretrained.objective.name)  # a fine-tuned run is refused with a clear message
     data = dataclasses.replace(cfg.data, **{k: getattr(pretrained.data, k) for k in DATA_FACTS})
     longest = getattr(pretrained.model, "max_seq_len", None)

@@ -287,3 +287,24 @@ def test_eval_bad_inputs_are_one_clear_line(speech_run, speech_shards, tmp_path)
     fraction = eval_cli(*base, f"data.train={speech_shards['train']}", "--label-fraction", "0.01")
     assert fraction.returncode != 0 and "leaves class" in fraction.stderr
     assert len(group.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.timeout(600)
+def test_eval_finetune_a_speech_checkpoint(speech_run, speech_shards, tmp_path):
+    out = tmp_path / "ft"
+    result = eval_cli("finetune", "--checkpoint", str(speech_run), "--label-fraction", "0.5", "--from-scratch",
+                      "--group-key", "label", "--output", str(out), f"data.train={speech_shards['train']}",
+                      f"data.val={speech_shards['val']}", "trainer.max_steps=3", "trainer.val_every_steps=3",
+                      "data.num_workers=0", "data.batch_size=8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [row["mode"] for row in results["rows"]] == ["finetune", "scratch"] and results["test_samples"] == 16
+    # half of the pool (the 48 clips less the selection fifth by key hash), the same subset for both
+    assert all(row["best_step"] == 3 and 16 <= row["labels"] <= 24 for row in results["rows"])
+    assert results["rows"][0]["labels"] == results["rows"][1]["labels"]
+    for mode in ("finetune", "scratch"):
+        report = json.loads((out / "subgroups" / mode / "subgroups.json").read_text())
+        assert set(report["groups"]) == {"c0", "c1", "c2", "c3"}
+    config = (out / "runs" / "finetune-0.5-seed0" / "config.yaml").read_text()
+    assert "pretrained_objective: wav2vec2" in config or "pretrained_objective: hubert" in config
+    assert "sample_rate: 16000" in config and "batch_size: 8" in config

@@ -125,7 +125,7 @@ def test_transcript_mappings(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
     (tmp_path / "plain.tsv").write_text("d\tfourth\nd\tagain\n")
     summary = write_audio_shards([str(root)], str(tmp_path / "o2"), transcripts=str(tmp_path / "plain.tsv"))
     assert by_source(check_output(tmp_path / "o2"))["spk1/d.wav"]["txt"] == b"fourth"
-    assert any("second transcript" in reason for _, reason in summary["skipped"])
+    assert any("second entry" in reason for _, reason in summary["skipped"])
 
     (tmp_path / "m.jsonl").write_text(json.dumps({"audio": str(root / "spk1" / "a.wav"), "text": "absolute"}) + "\n"
                                       + json.dumps({"audio": "clips/spk1/b.wav", "text": "relative"}) + "\n{bad\n")

@@ -126,6 +126,7 @@ def run_config(pretrained: Any, checkpoint: Path, train: str, val: str, num_clas
     """The fit config of one fine-tuning run: the pretrained model and data facts, the recipe's
     defaults, then ``overrides`` (validated like fit's)."""
     from framework.config.load import compose_config, config_to_dict
+    from framework.objectives.finetune import adopt_pretrained
 
     base = config_to_dict(pretrained)
     data = {**base["data"], "train": train, "val": val, "mode": "epoch", "remainder": "pad"}
@@ -135,7 +136,8 @@ def run_config(pretrained: Any, checkpoint: Path, train: str, val: str, num_clas
         "model": base["model"], "data": data, **FINETUNE_DEFAULTS,
         "run": {"dir": str(run_dir), "seed": seed, "resume": "auto", "init_from": None},
     }
-    cfg = compose_config(config, overrides, "the pretrained run's config and the fine-tuning defaults")
+    cfg = adopt_pretrained(compose_config(config, overrides, "the pretrained run's config and the fine-tuning defaults"),
+                           pretrained)
     world = cfg.trainer.devices * cfg.trainer.num_nodes
     wanted = cfg.data.batch_size if any(o.startswith("data.batch_size=") for o in overrides) else BATCH_SIZE
     cfg.data.batch_size = max(1, min(wanted, samples // world))  # a 1% subset may hold fewer samples than a batch
