@@ -90,6 +90,10 @@ def test_finetune_and_from_scratch_through_fit(mae_run, digit_shards, tmp_path):
     again = json.loads((out / "results.json").read_text())
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in results["rows"]]
     assert len(metric_rows(run_dir)) == rows_before
+    # another configuration in the same output is refused, never overwritten
+    changed = subprocess.run([sys.executable, "-m", "framework.cli", *command[:-1], "objective.layer_decay=0.5"],
+                             capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert changed.returncode == 2 and "objective.layer_decay: 0.6 there, 0.5 now" in changed.stderr, changed.stderr[-2000:]
 
 
 @pytest.mark.timeout(600)
@@ -126,3 +130,13 @@ def test_finetune_bad_inputs_are_one_clear_line(mae_run, digit_shards, text_corp
     assert "unknown key 'objective.mixupp'" in fails(*data, "objective.mixupp=0.2")
     assert "leaves class" in fails(*data, "--label-fraction", "0.01")
     assert "--group-key writer: no sample" in fails(*data, "--group-key", "writer")
+
+
+def test_finetune_stops_early_when_validation_stops_improving(mae_run, digit_shards, tmp_path):
+    out = tmp_path / "ft"
+    run_cli(["eval", "finetune", "--checkpoint", str(mae_run), "--output", str(out), f"data.train={digit_shards['train']}",
+             f"data.val={digit_shards['val']}", "trainer.max_steps=40", "trainer.val_every_steps=2", "data.num_workers=0",
+             "optim.lr=1e-12", "objective.patience=2"])  # no learning: val/accuracy never beats its first value
+    steps = [row["step"] for row in metric_rows(out / "runs" / "finetune-1-seed0") if "val/accuracy" in row]
+    assert steps == [2, 4, 6], steps
+    assert json.loads((out / "runs" / "finetune-1-seed0" / "best.json").read_text())["step"] == 2

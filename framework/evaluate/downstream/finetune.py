@@ -145,13 +145,32 @@ def run_config(pretrained: Any, checkpoint: Path, train: str, val: str, num_clas
     return cfg
 
 
-def _fresh_run_dir(cfg: Any) -> None:
-    """A run directory from an earlier, different configuration is cleared; the same one resumes."""
-    from framework.config.load import config_to_yaml
+LAYOUT_KEYS = ("trainer.devices", "trainer.num_nodes", "trainer.strategy")  # a launcher may set these
+
+
+def _flat(node: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def finished(cfg: Any) -> bool:
+    """Whether ``cfg.run.dir`` already holds this run, trained to the end (launched by this command
+    earlier, or alone with ``pretrain launch``: then on any number of processes). A run directory
+    of another configuration is refused rather than overwritten."""
+    from framework.config.load import config_to_dict, load_config
+    from framework.training.checkpoint import checkpoint_step, newest_checkpoint
 
     saved = Path(cfg.run.dir) / "config.yaml"
-    if saved.exists() and saved.read_text() != config_to_yaml(cfg):
-        shutil.rmtree(cfg.run.dir)
+    if not saved.exists():
+        return False
+    theirs, ours = _flat(config_to_dict(load_config(str(saved), []))), _flat(config_to_dict(cfg))
+    differ = [k for k in sorted(set(theirs) | set(ours)) if k not in LAYOUT_KEYS and theirs.get(k) != ours.get(k)]
+    if differ:
+        raise ConfigError(f"{cfg.run.dir} holds a run of another configuration ({differ[0]}: {theirs.get(differ[0])!r} "
+                          f"there, {ours.get(differ[0])!r} now): remove it or choose another --output")
+    newest = newest_checkpoint(Path(cfg.run.dir))
+    return newest is not None and checkpoint_step(newest) >= cfg.trainer.max_steps
 
 
 def test_predictions(run_dir: Path, test: Any, on_error: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -226,9 +245,8 @@ def finetune_rows(o: Any) -> Tuple[List[Dict[str, Any]], Dict[str, np.ndarray], 
                 run_dir = out / "runs" / f"{mode}-{fraction:g}-seed{seed}"
                 cfg = run_config(pretrained, checkpoint, spec, val_spec, num_classes, len(subset), seed, scratch, run_dir,
                                  o.overrides)
-                if leader:
-                    _fresh_run_dir(cfg)
-                fit(cfg)
+                if not finished(cfg):
+                    fit(cfg)
                 if not leader:
                     continue
                 predicted, labels, ids = test_predictions(run_dir, test_spec, o.on_error)
