@@ -17,7 +17,7 @@ from framework.config.schema import DataConfig
 from framework.data.images import key_id, sample_label
 from framework.data.loader import ShardDataMixin, train_loader, val_loader
 from framework.data.tar import Sample
-from framework.errors import SampleError
+from framework.data.text import sample_text
 
 MODALITIES = ("text", "image", "audio")
 
@@ -37,14 +37,7 @@ class TextClassifier:
 
             self._tokenizer = load_tokenizer(self.tokenizer_path)
             self._eos = special_token_ids(self._tokenizer)["eos"]
-        data = sample.get(self.text_key)
-        if data is None:
-            raise SampleError(f"no .{self.text_key} member (members: {sorted(sample)})")
-        try:
-            text = str(data, "utf-8")
-        except UnicodeDecodeError as exc:
-            raise SampleError(f"not UTF-8 text: {exc}") from None
-        ids = self._tokenizer.encode(text).ids[: self.seq_len - 1] + [self._eos]
+        ids = self._tokenizer.encode(sample_text(sample, self.text_key)).ids[: self.seq_len - 1] + [self._eos]
         return [(np.asarray(ids, dtype=np.int64), sample_label(sample), key_id(key))]
 
     def state_dict(self) -> Dict[str, Any]:

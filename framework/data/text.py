@@ -20,6 +20,17 @@ from framework.errors import SampleError
 log = logging.getLogger(__name__)
 
 
+def sample_text(sample: Sample, key: str) -> str:
+    """The UTF-8 text of member ``key`` of a sample; a SampleError names what is wrong."""
+    data = sample.get(key)
+    if data is None:
+        raise SampleError(f"no .{key} member (members: {sorted(sample)})")
+    try:
+        return str(data, "utf-8")
+    except UnicodeDecodeError as exc:
+        raise SampleError(f"not UTF-8 text: {exc}") from None
+
+
 class TokenPacker:
     one_to_one = False  # a document gives any number of blocks
 
@@ -40,14 +51,7 @@ class TokenPacker:
     def __call__(self, key: str, sample: Sample, shard: str) -> List[np.ndarray]:
         if self._tokenizer is None:
             self._load()
-        data = sample.get(self.text_key)
-        if data is None:
-            raise SampleError(f"no .{self.text_key} member (members: {sorted(sample)})")
-        try:
-            text = str(data, "utf-8")
-        except UnicodeDecodeError as exc:
-            raise SampleError(f"not UTF-8 text: {exc}") from None
-        ids = np.asarray(self._tokenizer.encode(text).ids + [self._eos], dtype=np.int32)
+        ids = np.asarray(self._tokenizer.encode(sample_text(sample, self.text_key)).ids + [self._eos], dtype=np.int32)
         tokens = np.concatenate([self._carry, ids]) if self._carry.size else ids
         full = len(tokens) // self.block_len * self.block_len
         self._carry = tokens[full:]

@@ -129,16 +129,9 @@ def write_image_shards(
 
     columns: dict[int, tuple] = {}
     if metadata:
-        from framework.data.writers.list_file import ListFile
+        from framework.data.writers.list_file import NAME_FIELDS, metadata_columns
 
-        table = ListFile(metadata, "metadata", "image", ("path", "image", "file", "filename", "file_name", "id"), (),
-                         ("source", "label"))
-        for where, reason in table.bad:
-            log.warning("metadata %s: %s", where, reason)
-        columns = {i: (table.lookup(path, name) or (None, ()))[1] for i, (path, name) in enumerate(files)}
-        unused = table.unused()
-        if unused:
-            log.warning("%d metadata entr(ies) of %s match no image (e.g. %s)", len(unused), table.path, ", ".join(unused[:3]))
+        columns = metadata_columns(metadata, "image", files, ("source", "label"), ("image", *NAME_FIELDS))
     order = list(range(len(files)))
     random.Random(seed).shuffle(order)  # shards are not sorted by class folder
     if max_samples is not None:

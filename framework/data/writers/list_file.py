@@ -3,13 +3,17 @@ transcripts, labels and metadata columns (a speaker, an accent, a source) for ea
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from framework.errors import DataError
 
+log = logging.getLogger(__name__)
+
 Entry = tuple  # (key as written, text or None, ((column, value), ...))
+NAME_FIELDS = ("path", "file", "filename", "file_name", "id")
 
 
 class ListFile:
@@ -137,3 +141,18 @@ class ListFile:
     def unused(self) -> list[str]:
         keys = [entry[0] for entry in self.by_path.values()] + [entry[0] for entry in self.by_name.values()]
         return sorted({k for k in keys if k not in self.used})
+
+
+def metadata_columns(path: str | os.PathLike[str], item: str, files: list[tuple[Path, str]], reserved: tuple,
+                     name_fields: tuple = NAME_FIELDS) -> dict[int, tuple]:
+    """{index in ``files``: (column, value) pairs} of a metadata list file; its bad lines and the
+    entries that name no file are warned about (a file it does not name gets ``()``)."""
+    table = ListFile(path, "metadata", item, name_fields, (), reserved)
+    for where, reason in table.bad:
+        log.warning("metadata %s: %s", where, reason)
+    columns = {i: (table.lookup(file, name) or (None, ()))[1] for i, (file, name) in enumerate(files)}
+    unused = table.unused()
+    if unused:
+        log.warning("%d metadata entr(ies) of %s match no %s file (e.g. %s)", len(unused), table.path, item,
+                    ", ".join(unused[:3]))
+    return columns

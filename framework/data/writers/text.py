@@ -101,10 +101,6 @@ def _process_text(item: TextItem, max_chars: int) -> Skip | list[Sample]:
     ]
 
 
-_META_NAME_FIELDS = ("path", "file", "filename", "file_name", "id")
-_META_RESERVED = ("source",)
-
-
 def _metadata_labels(entries: list[tuple]) -> tuple[dict[str, Any], list[str]]:
     """{label value as written: class index}, and the class names when the labels are names."""
     values = {str(dict(extra)["label"]) for extra in entries if "label" in dict(extra)}
@@ -171,17 +167,11 @@ def write_text_shards(
         stale_dirs = [out / "train", out / "val"]
     # stale_dirs: shards of the other layout from an earlier run would be just as misleading.
 
-    table, found = None, {}
+    found: dict[int, tuple] = {}
     if metadata:
-        from framework.data.writers.list_file import ListFile
+        from framework.data.writers.list_file import metadata_columns
 
-        table = ListFile(metadata, "metadata", "text", _META_NAME_FIELDS, (), _META_RESERVED)
-        for where, reason in table.bad:
-            log.warning("metadata %s: %s", where, reason)
-        found = {index: (table.lookup(path, name) or (None, ()))[1] for index, (path, name) in enumerate(files)}
-        unused = table.unused()
-        if unused:
-            log.warning("%d metadata entr(ies) of %s match no input file (e.g. %s)", len(unused), table.path, ", ".join(unused[:3]))
+        found = metadata_columns(metadata, "text", files, ("source",))
     label_index, classes = _metadata_labels(list(found.values()))
     order = list(range(len(files)))
     random.Random(seed).shuffle(order)  # so shards are not sorted by directory
@@ -199,8 +189,8 @@ def write_text_shards(
                               label_index[str(label)] if label is not None else None))
 
     extra = {"source": "text", "max_chars_per_sample": max_chars_per_sample, "seed": seed, "val_fraction": val_fraction}
-    if table is not None:
-        extra.update(classes=classes, metadata=str(table.path))
+    if metadata:
+        extra.update(classes=classes, metadata=str(metadata))
 
     def manifest_extra(name: str, result: SplitResult) -> dict[str, Any]:
         return {**extra, "split": name, "documents": result.items}
@@ -218,7 +208,7 @@ def write_text_shards(
         writer="text",
         modality="text",
         options={"max_chars_per_sample": max_chars_per_sample, "seed": seed, "val_fraction": val_fraction,
-                 **({"metadata": str(table.path.resolve())} if table is not None else {})},
+                 **({"metadata": str(Path(metadata).resolve())} if metadata else {})},
         splits=split_dirs,
         stale_dirs=stale_dirs,
         max_samples_per_shard=max_samples_per_shard,
