@@ -23,7 +23,7 @@ from framework.config.schema import DataConfig
 from framework.data.cache import ShardCache
 from framework.data.plan import Segment, Sources, epoch_plan, plan_from_sequence
 from framework.data.faults import ON_ERROR
-from framework.data.sources import Shard, check_shards, resolve_shards, resolve_sources, with_counts
+from framework.data.sources import Shard, announce_commands, check_shards, resolve_shards, resolve_sources, with_counts
 from framework.data.stream import COUNTERS, Processor, ShardStream, collate_arrays
 from framework.errors import DataError
 
@@ -200,6 +200,10 @@ class ShardDataMixin:
         self.sources = Sources(tuple(ranges), tuple(weights))
         check_data_config(data, len(ranges))
         announce = rank_zero_only.rank == 0
+        if announce:
+            announce_commands(shards, "data.train")
+            if data.val:
+                announce_commands(resolve_shards(data.val, "data.val"), "data.val")
         self.train_shards = check_shards(shards, data.on_error, data.mode == "epoch", "data.train", announce)
         self.val_shards = check_shards(resolve_shards(data.val, "data.val"), data.on_error, True, "data.val", announce) if data.val else []
 

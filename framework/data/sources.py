@@ -149,6 +149,14 @@ def open_shard(url: str, offset: int = 0, cache: "Optional[ShardCache]" = None, 
     return _positioned(stream, offset)
 
 
+def announce_commands(shards: List[Shard], key: str) -> None:
+    """Say at start that ``pipe:`` sources run shell commands written in the config (a config is
+    code when it has them: run only configs you trust)."""
+    commands = [s.url[5:] for s in shards if s.url.startswith("pipe:")]
+    if commands:
+        log.warning("%s: %d pipe: source(s) run shell commands from the config, e.g. %s", key, len(commands), commands[0])
+
+
 def _open_remote(url: str, offset: int) -> BinaryIO:
     if url.startswith("pipe:"):
         process = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, bufsize=_READ_BUFFER)

@@ -47,7 +47,7 @@ class Config(ObjectiveConfig):
     pretrained_objective: str = ""  # filled by build: which pretext objective made the encoder
     num_classes: int = 0  # labels must be in [0, num_classes)
     from_scratch: bool = False  # the same network, randomly initialised (the baseline)
-    pooling: str = "auto"  # text: mean | last (the end token) | auto (clm: last, mlm: mean)
+    pooling: str = "mean"  # text: mean (over tokens) | last (the end token's state)
     layer_decay: float = 0.75  # lr of layer l: lr * layer_decay ** (layers + 1 - l); 1.0 disables
     label_smoothing: float = 0.1
     mixup: float = 0.0  # images: Beta(alpha, alpha) mixing of each batch with itself; 0 disables

@@ -128,7 +128,9 @@ def read_info(path: Path) -> Dict[str, Any]:
     if path.is_dir():
         info = path / INFO_FILE
         return json.loads(info.read_text()) if info.is_file() else {}
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    from framework.training.trusted import load_trusted
+
+    checkpoint = load_trusted(path, mmap=True)
     return dict(checkpoint.get("framework", {}))
 
 
@@ -304,7 +306,9 @@ class Checkpointing(Callback):
             state = states[rank] if rank < len(states) else None
         elif trainer.ckpt_path and Path(trainer.ckpt_path).is_dir():
             file = Path(trainer.ckpt_path) / f"rank-{rank:05d}.pt"
-            state = torch.load(file, map_location="cpu", weights_only=False) if file.is_file() else None
+            from framework.training.trusted import load_trusted
+
+            state = load_trusted(file) if file.is_file() else None
         if state is None:
             rank_zero_warn("the checkpoint has no per-rank RNG states: random streams restart from run.seed")
             return

@@ -50,10 +50,13 @@ def read_full_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, An
     """(full state dict on CPU, the objective's hyperparameters) from any checkpoint."""
     path = Path(path)
     kind = checkpoint_kind(path)
+    from framework.training.trusted import check_dcp_metadata, check_deepspeed_dir, load_trusted
+
     if kind == "file":
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = load_trusted(path)
         return dict(checkpoint["state_dict"]), dict(checkpoint.get("hyper_parameters", {}))
     if kind == "dcp":
+        check_dcp_metadata(path)  # DCP unpickles it freely
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
         # Reads only the model entries (not the optimizer's) from every rank's shard file, in this
@@ -61,7 +64,7 @@ def read_full_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, An
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
             loaded = _load_state_dict_from_keys("state_dict", checkpoint_id=str(path))
-        meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+        meta = load_trusted(path / "meta.pt")
         return dict(loaded["state_dict"]), dict(meta.get("hyper_parameters", {}))
     # DeepSpeed: its own tool rebuilds fp32 weights from the ZeRO partitions of every rank.
     from framework.distributed.deepspeed import use_cpu_accelerator_if_no_gpu
@@ -70,9 +73,10 @@ def read_full_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, An
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag = (path / "latest").read_text().strip()
+    check_deepspeed_dir(path / tag)  # DeepSpeed unpickles its files freely: each must load weights-only first
     state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
     model_states = sorted((path / tag).glob("*model_states.pt"))
-    meta = torch.load(model_states[0], map_location="cpu", weights_only=False) if model_states else {}
+    meta = load_trusted(model_states[0]) if model_states else {}
     return _strip(dict(state), _DS_PREFIXES), dict(meta.get("hyper_parameters", {}))
 
 

@@ -153,6 +153,9 @@ def fit(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> Path:
     run_dir = Path(cfg.run.dir)
     ckpt = resume_checkpoint(cfg)
     if ckpt is not None:
+        from framework.training.trusted import check_checkpoint
+
+        check_checkpoint(ckpt)  # data only: refused, naming the file, before any loader unpickles it
         check_resume(ckpt, run_info(cfg))
     if rank_zero_only.rank == 0:
         remove_stale_temporaries(run_dir)  # saves that crashed before their rename
@@ -179,5 +182,5 @@ def fit(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> Path:
         + (f"; weights from {cfg.run.init_from}" if cfg.run.init_from else "")
     )
     # Checkpointing saves the end state too (every rank takes part), so it is always resumable.
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
     return run_dir

@@ -61,7 +61,7 @@ def test_text_checkpoints_in_every_mode(text_runs, labelled_text, objective, fro
             assert set(report["groups"]) <= {"long", "short"} and report["worst_group"] in report["groups"]
     config = (tmp_path / "ft" / "runs" / "finetune-1-seed0" / "config.yaml").read_text()
     assert f"pretrained_objective: {objective}" in config and "seq_len: 64" in config
-    assert "pooling: auto" in config
+    assert "pooling: mean" in config
 
 
 def test_mixup_is_refused_for_text(text_runs, labelled_text, tmp_path):

@@ -1,7 +1,8 @@
 """A pretrained run's encoder as one module for downstream use: a labelled batch -> (B, D).
 
-Every modality the framework pretrains: a text transformer (clm: the end token's state, mlm:
-the mean over tokens, or as ``pooling`` says), a vision backbone (CLIP's image tower too) and a
+Every modality the framework pretrains: a text transformer (the mean over tokens; ``pooling:
+last``: the end token's state, the only one a causal model lets see the whole text; measured on
+the standard library's packages with the tiny GPT, the mean is the better probe: 0.78 vs 0.68), a vision backbone (CLIP's image tower too) and a
 speech encoder (the mean over valid frames). The same class serves the frozen modes (features)
 and fine-tuning (the whole network trains), and, built without weights, the from-scratch
 baseline. ``layer_of`` numbers parameters for layer-wise learning-rate decay (MAE's recipe):
@@ -20,7 +21,7 @@ from framework.errors import ConfigError
 
 TEXT_OBJECTIVES = ("clm", "mlm")
 AUDIO_OBJECTIVES = ("wav2vec2", "hubert")
-POOLINGS = ("auto", "mean", "last")
+POOLINGS = ("mean", "last")
 
 
 def modality_of(objective: str) -> str:
@@ -69,7 +70,7 @@ class DownstreamEncoder(nn.Module):
         return 0
 
 
-def build_encoder(pretrained: RunConfig, pooling: str = "auto") -> DownstreamEncoder:
+def build_encoder(pretrained: RunConfig, pooling: str = "mean") -> DownstreamEncoder:
     """The network of run config ``pretrained``, randomly initialised (seeded by the caller)."""
     if pooling not in POOLINGS:
         raise ConfigError(f"objective.pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
@@ -81,8 +82,7 @@ def build_encoder(pretrained: RunConfig, pooling: str = "auto") -> DownstreamEnc
 
         vocab_size, special = tokenizer_facts(pretrained)
         core = Transformer(pretrained.model, vocab_size, causal=name == "clm")
-        chosen = pooling if pooling != "auto" else ("last" if name == "clm" else "mean")
-        return DownstreamEncoder(core, "text", chosen, special["pad"])
+        return DownstreamEncoder(core, "text", pooling, special["pad"])
     if modality == "audio":
         from framework.objectives.audio_common import build_encoder as build_audio_encoder
 
@@ -108,7 +108,7 @@ def load_pretrained_weights(encoder: DownstreamEncoder, checkpoint: Any) -> None
         raise ConfigError(f"{checkpoint}: the checkpoint lacks encoder weights {missing[:3]}")
 
 
-def pretrained_encoder(checkpoint: Any, pooling: str = "auto") -> tuple[DownstreamEncoder, RunConfig]:
+def pretrained_encoder(checkpoint: Any, pooling: str = "mean") -> tuple[DownstreamEncoder, RunConfig]:
     """(the checkpoint's encoder with its weights, in eval mode; the run's config)."""
     from framework.evaluate.backbone import read_run_config, resolve_checkpoint
 
