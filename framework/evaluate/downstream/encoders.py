@@ -72,11 +72,11 @@ class DownstreamEncoder(nn.Module):
 
 def build_encoder(pretrained: RunConfig, pooling: str = "mean") -> DownstreamEncoder:
     """The network of run config ``pretrained``, randomly initialised (seeded by the caller)."""
-    if pooling not in POOLINGS:
-        raise ConfigError(f"objective.pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
     name = pretrained.objective.name
     modality = modality_of(name)
     if modality == "text":
+        if pooling not in POOLINGS:
+            raise ConfigError(f"objective.pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
         from framework.models.transformer import Transformer
         from framework.objectives.text_common import tokenizer_facts
 
