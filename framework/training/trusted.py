@@ -24,8 +24,12 @@ from framework.errors import ConfigError
 _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
                 "torch.distributed.checkpoint.planner", "torch.distributed._shard.sharded_tensor.metadata",
                 "torch.distributed._shard.metadata", "torch.distributed.checkpoint._extension")
-_DCP_GLOBALS = {("torch", "Size"), ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+_DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("builtins", "set"), ("builtins", "frozenset"),
                 ("builtins", "slice")}
+# DeepSpeed's optimizer files hold three of its plain data classes besides tensors.
+_DEEPSPEED_GLOBALS = (("deepspeed.runtime.zero.config", "ZeroStageEnum"), ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                      ("deepspeed.utils.tensor_fragment", "fragment_address"))
 
 
 class UntrustedCheckpoint(ConfigError):
@@ -70,9 +74,17 @@ def check_dcp_metadata(directory: Path) -> None:
 
 
 def check_deepspeed_dir(directory: Path) -> None:
-    """Every ``.pt`` file of a DeepSpeed checkpoint must load weights-only (DeepSpeed unpickles them freely)."""
-    for file in sorted(directory.rglob("*.pt")):
-        load_trusted(file, mmap=True)
+    """Every ``.pt`` file of a DeepSpeed checkpoint must load weights-only, admitting DeepSpeed's
+    own data classes by name (DeepSpeed unpickles the files freely)."""
+    import importlib
+
+    from framework.distributed.deepspeed import use_cpu_accelerator_if_no_gpu
+
+    use_cpu_accelerator_if_no_gpu()
+    allowed = [getattr(importlib.import_module(module), name) for module, name in _DEEPSPEED_GLOBALS]
+    with torch.serialization.safe_globals(allowed):
+        for file in sorted(directory.rglob("*.pt")):
+            load_trusted(file, mmap=True)
 
 
 def check_checkpoint(path: str | Path) -> None:
