@@ -260,7 +260,8 @@ class Checkpointing(Callback):
             self.dirpath.mkdir(parents=True, exist_ok=True)
             _remove(tmp)
         strategy.barrier("checkpoint-start")
-        trainer.save_checkpoint(tmp)  # strategy-specific: one file, DCP shards or ZeRO shards
+        # the full state (weights_only here means "save only the weights", not how it is loaded)
+        trainer.save_checkpoint(tmp, weights_only=False)  # strategy-specific: one file, DCP shards or ZeRO shards
         if self.sharded:
             assert self._rank_state is not None
             torch.save(self._rank_state, tmp / f"rank-{trainer.global_rank:05d}.pt")
