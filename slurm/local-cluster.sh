@@ -114,9 +114,28 @@ start() {
 }
 
 stop() {
+    # Jobs first: stopping the daemons under a running job leaves its srun and ranks alive,
+    # training into directories that may be gone. Cancel them and wait for their steps to end.
+    if running "$RUN/slurmctld.pid" && [ -n "$(squeue -h -o %i 2>/dev/null)" ]; then
+        squeue -h -o %i | xargs -r scancel
+        for _ in $(seq 1 60); do
+            [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break
+            sleep 1
+        done
+        [ -z "$(squeue -h -o %i 2>/dev/null)" ] || echo "local-cluster: jobs still listed after 60 s: $(squeue -h -o %i | tr '\n' ' ')" >&2
+    fi
+    # steps whose slurmstepd outlived the cancel (the node daemons go next)
+    pkill -TERM -f "slurmstepd: \[" 2>/dev/null || true
     for pidfile in "$RUN"/slurmd-n1.pid "$RUN"/slurmd-n2.pid "$RUN"/slurmctld.pid; do
         if running "$pidfile"; then kill "$(cat "$pidfile")"; fi
     done
+    # a daemon whose pid file is gone is found by its command line; wait for all to exit
+    pkill -TERM -f "^slurm(ctld|d) .*-f $CONF" 2>/dev/null || true
+    for _ in $(seq 1 20); do
+        pgrep -f "^slurm(ctld|d) .*-f $CONF" >/dev/null || break
+        sleep 0.5
+    done
+    pkill -KILL -f "^slurm(ctld|d) .*-f $CONF" 2>/dev/null || true
     echo "local-cluster: stopped (munged left running)"
 }
 

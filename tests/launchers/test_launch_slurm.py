@@ -158,3 +158,30 @@ def test_invalid_config_fails_at_submission(tmp_path, text_corpus):
     assert not (run_dir / "job.sbatch").exists(), "nothing written, nothing queued"
     after = queued_jobs()
     assert before == after
+
+
+def test_stop_cancels_running_jobs_and_their_steps(slurm_cluster, tmp_path):
+    """`local-cluster.sh stop` under a running job: the job is cancelled and its step's processes
+    end, instead of training on with no cluster around them. (The cluster is started again after.)"""
+    marker = f"sleep {417 + os.getpid() % 1000}"  # a command line no other process has
+    job = subprocess.run(["sbatch", "--parsable", "-N", "1", "-o", str(tmp_path / "job.log"), "--wrap", f"srun {marker}"],
+                         capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    SUBMITTED.append(job)
+    deadline = time.time() + 60
+    while job_state(job).get("JobState") != "RUNNING" or not _processes(marker):
+        assert time.time() < deadline, f"job {job} did not start its step: {job_state(job)}"
+        time.sleep(0.5)
+    try:
+        result = subprocess.run([str(CLUSTER), "stop"], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        deadline = time.time() + 30
+        while _processes(marker) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _processes(marker), "the job's step outlived `stop`"
+    finally:
+        subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True, timeout=300)
+
+
+def _processes(command: str) -> list:
+    found = subprocess.run(["pgrep", "-f", command], capture_output=True, text=True).stdout.split()
+    return [pid for pid in found if int(pid) != os.getpid()]
