@@ -14,7 +14,38 @@ def test_plan_summary_for_seven_uneven_shards(tmp_path):
     assert summary["batches_per_rank"] == [5, 5, 5, 5] and summary["dropped"] == 88 - 80
     assert summary["duplicates"] == 0 and summary["missing"] == 0
     assert lines[-1].startswith("samples=88 planned=80 unique=80 duplicates=0 missing=0 dropped=8")
-    assert any("rank 3:" in line and "worker 2:" in line for line in lines)
+    assert "  samples per rank: 20..20; batches per rank: 5..5 (--per-rank lists each rank and worker)" in lines
+    assert not any("rank 3:" in line for line in lines)  # a summary, not 4,096 lines at scale
+    listed = []
+    inspect_data(str(tmp_path), seed=0, batch_size=4, remainder="drop", world_size=4, num_workers=3, report=listed.append,
+                 per_rank=True)
+    assert any("rank 3:" in line and "worker 2:" in line for line in listed)
+
+
+def test_interval_coverage_equals_counting_every_sample():
+    """coverage() against a per-sample count, on real plans and on plans with overlaps and holes."""
+    import collections
+    import random
+
+    from framework.data.inspect import coverage
+    from framework.data.plan import EpochPlan, ReaderPlan, Segment, epoch_plan
+
+    def counted(plan):
+        read = collections.Counter((s.shard, i) for r in plan.readers for s in r.segments for i in range(s.start, s.stop))
+        return sum(read.values()), len(read)
+
+    rng = random.Random(0)
+    for trial in range(30):
+        counts = [rng.randint(0, 40) for _ in range(rng.randint(1, 12))]
+        for remainder in ("drop", "pad", "none"):
+            plan = epoch_plan(counts, trial, 0, rng.randint(1, 5), rng.randint(1, 3), rng.randint(1, 6), remainder)
+            assert coverage(plan) == counted(plan)
+        segments = []
+        for _ in range(rng.randint(1, 20)):  # arbitrary, overlapping, nested, touching
+            shard, start = rng.randint(0, 3), rng.randint(0, 30)
+            segments.append(Segment(shard, start, start + rng.randint(0, 12)))
+        plan = EpochPlan((ReaderPlan(tuple(segments[::2]), 0), ReaderPlan(tuple(segments[1::2]), 0)), 1, 0, 0, 0, 0)
+        assert coverage(plan) == counted(plan), segments
 
 
 def test_verify_names_bad_samples_and_shards(tmp_path):
