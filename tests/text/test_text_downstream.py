@@ -45,14 +45,14 @@ def text_runs(text_corpus, tmp_path_factory):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("objective,frozen", [("clm", "linear"), ("mlm", "knn")])
-def test_text_checkpoints_in_every_mode(text_runs, labelled_text, objective, frozen, tmp_path):
+@pytest.mark.parametrize("objective,frozen,scratch", [("clm", "linear", True), ("mlm", "knn", False)])
+def test_text_checkpoints_in_every_mode(text_runs, labelled_text, objective, frozen, scratch, tmp_path):
     data = [f"data.train={labelled_text['train']}", f"data.val={labelled_text['val']}"]
     common = ["--checkpoint", str(text_runs[objective]), "--group-key", "length", "--label-fraction", "0.5,1.0"]
     run_cli(["eval", frozen, *common, "--output", str(tmp_path / frozen), *data, "data.seq_len=64"])
-    run_cli(["eval", "finetune", *common, "--from-scratch", "--output", str(tmp_path / "ft"), *data, "trainer.max_steps=2",
-             "trainer.val_every_steps=2", "data.num_workers=0", "data.seq_len=64"])
-    for mode, modes in ((frozen, [frozen]), ("ft", ["finetune", "scratch"])):
+    run_cli(["eval", "finetune", *common, *(["--from-scratch"] if scratch else []), "--output", str(tmp_path / "ft"), *data,
+             "trainer.max_steps=2", "trainer.val_every_steps=2", "data.num_workers=0", "data.seq_len=64"])
+    for mode, modes in ((frozen, [frozen]), ("ft", ["finetune", "scratch"] if scratch else ["finetune"])):
         results = json.loads((tmp_path / mode / "results.json").read_text())
         assert [s["mode"] for s in results["summary"]] == [m for m in modes for _ in (0.5, 1.0)]
         assert all(0 <= row["accuracy"] <= 1 for row in results["rows"]) and results["test_samples"] > 5
