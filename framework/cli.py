@@ -155,7 +155,7 @@ def _cmd_data_inspect(args: argparse.Namespace) -> None:
     summary = inspect_data(
         cfg.data.train, seed=cfg.run.seed, batch_size=cfg.data.batch_size, remainder=cfg.data.remainder,
         world_size=world, num_workers=workers, epochs=args.epochs, processor=processor, verify=args.verify, zero_copy=cfg.data.zero_copy,
-        on_error=cfg.data.on_error, per_rank=args.per_rank,
+        on_error=cfg.data.on_error, per_rank=args.per_rank, jobs=args.jobs,
     )
     if summary["bad"] or summary["missing"] or summary["duplicates"]:
         raise SystemExit(1)
@@ -359,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--workers", type=int, default=None, help="dataloader workers per rank (default: data.num_workers)")
     inspect.add_argument("--epochs", type=int, default=1)
     inspect.add_argument("--per-rank", action="store_true", help="list every rank and worker (default: the min/max spread)")
+    inspect.add_argument("--jobs", type=int, default=1, help="--verify: shards read by this many processes")
     inspect.add_argument("--verify", action="store_true", help="read and decode every sample, report bad ones by name")
     inspect.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.train=shards/")
     inspect.set_defaults(func=_cmd_data_inspect)

@@ -28,40 +28,80 @@ from framework.data.tar import TarFormatError, iter_samples
 from framework.errors import DataError, SampleError
 
 
-def scan_shards(shards: List[Shard], processor: Optional[Processor], report: Callable[[str], None], zero_copy: bool = False,
-                on_error: str = "skip") -> Tuple[Dict[Tuple[int, int], str], List[str]]:
-    """Read every sample: ({(shard, index): key}, [problems by name])."""
-    keys: Dict[Tuple[int, int], str] = {}
+def _scan_shard(number: int, shard: Shard, processor: Optional[Processor], zero_copy: bool,
+                on_error: str) -> Tuple[int, List[str], List[str], Optional[List[int]]]:
+    """Read one shard: (its number, sample keys in order, problems by name, tokens per sample
+    when the processor packs text, else None). Runs in a ``--jobs`` worker or in-process."""
+    keys: List[str] = []
     problems: List[str] = []
+    count_tokens = getattr(processor, "count_tokens", None)
+    tokens: Optional[List[int]] = [] if count_tokens is not None else None
 
     def problem(kind: str, where: str, reason: str) -> None:
         report_fault(where, reason, on_error, announce=False)  # raise stops here; skip lists them all below
         problems.append(f"{kind}: {where.split(' ', 1)[1]}: {reason}")
 
+    shard_bad = False
+    try:
+        with open_shard(shard.url, zero_copy=zero_copy) as stream:
+            for key, sample, _ in iter_samples(stream):
+                keys.append(key)
+                if processor is None:
+                    continue
+                try:
+                    if tokens is not None:  # packing is order-dependent: count the document's tokens instead
+                        tokens.append(count_tokens(sample))
+                    else:
+                        processor(key, sample, shard.url)
+                except SampleError as exc:
+                    problem("bad sample", f"shard {shard.url}, sample {key}", str(exc))
+                    if tokens is not None:
+                        tokens.append(0)
+    except (TarFormatError, OSError, DataError) as exc:
+        shard_bad = True
+        if shard.fault is None:  # else planning named it already
+            problem("bad shard", f"shard {shard.url}", f"{exc} (after {len(keys)} sound samples)")
+    if not shard_bad and shard.samples is not None and len(keys) < shard.samples:
+        problem("bad shard", f"shard {shard.url}", f"has {len(keys)} samples, its manifest says {shard.samples}")
+    return number, keys, problems, tokens
+
+
+def scan_shards(shards: List[Shard], processor: Optional[Processor], report: Callable[[str], None], zero_copy: bool = False,
+                on_error: str = "skip", jobs: int = 1) -> Tuple[Dict[Tuple[int, int], str], List[str], Dict[int, List[int]]]:
+    """Read every sample, over ``jobs`` processes: ({(shard, index): key}, [problems by name, in
+    shard order], {shard: tokens per sample} for packed text). Read-only: an interrupted
+    verification is restarted, not resumed."""
+    results: Dict[int, tuple] = {}
     with Progress(transient=True) as progress:
         task = progress.add_task("verifying shards", total=len(shards))
-        for number, shard in enumerate(shards):
-            index, shard_bad = 0, False
-            try:
-                with open_shard(shard.url, zero_copy=zero_copy) as stream:
-                    for key, sample, _ in iter_samples(stream):
-                        keys[number, index] = key
-                        index += 1
-                        if processor is not None:
-                            try:
-                                processor(key, sample, shard.url)
-                            except SampleError as exc:
-                                problem("bad sample", f"shard {shard.url}, sample {key}", str(exc))
-            except (TarFormatError, OSError, DataError) as exc:
-                shard_bad = True
-                if shard.fault is None:  # else planning named it already
-                    problem("bad shard", f"shard {shard.url}", f"{exc} (after {index} sound samples)")
-            if not shard_bad and shard.samples is not None and index < shard.samples:
-                problem("bad shard", f"shard {shard.url}", f"has {index} samples, its manifest says {shard.samples}")
-            progress.advance(task)
+        if jobs <= 1:
+            for number, shard in enumerate(shards):
+                results[number] = _scan_shard(number, shard, processor, zero_copy, on_error)
+                progress.advance(task)
+        else:
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            from framework.data.writers.parallel import mp_context
+
+            with ProcessPoolExecutor(jobs, mp_context=mp_context()) as pool:
+                futures = [pool.submit(_scan_shard, number, shard, processor, zero_copy, on_error)
+                           for number, shard in enumerate(shards)]
+                for future in as_completed(futures):
+                    number, *rest = future.result()  # under raise, the first fault stops here
+                    results[number] = (number, *rest)
+                    progress.advance(task)
+    keys: Dict[Tuple[int, int], str] = {}
+    problems: List[str] = []
+    tokens: Dict[int, List[int]] = {}
+    for number in sorted(results):
+        _, shard_keys, shard_problems, shard_tokens = results[number]
+        keys.update(((number, index), key) for index, key in enumerate(shard_keys))
+        problems += shard_problems
+        if shard_tokens is not None:
+            tokens[number] = shard_tokens
     for line in problems:
         report(line)
-    return keys, problems
+    return keys, problems, tokens
 
 
 def inspect_data(
@@ -79,6 +119,7 @@ def inspect_data(
     on_error: str = "skip",
     report: Callable[[str], None] = print,
     per_rank: bool = False,
+    jobs: int = 1,
 ) -> Dict[str, Any]:
     shards, ranges, weights = resolve_sources(spec, "data.train")
     shards = check_shards(shards, on_error, announce=False)  # the planning training does; its faults are listed below
@@ -91,7 +132,7 @@ def inspect_data(
     planning = [f"bad shard: {s.url}: {s.fault} (found while counting its samples)" for s in shards if s.fault]
     for line in planning:
         report(line)
-    keys, problems = scan_shards(shards, processor, report, zero_copy, on_error) if verify else ({}, [])
+    keys, problems, tokens = scan_shards(shards, processor, report, zero_copy, on_error, jobs) if verify else ({}, [], {})
     problems = planning + problems
     summary: Dict[str, Any] = {}
     for epoch in range(epochs):
@@ -127,7 +168,17 @@ def inspect_data(
         }
         if verify:
             summary["duplicate_keys"] = duplicate_keys(plan, keys, [s.samples for s in shards]) - plan.repeated
-    report(" ".join(f"{k}={v}" for k, v in summary.items() if k not in ("duplicate_keys", "batches_per_rank")))
+        if tokens:  # packed text: what the tokenizer makes of each rank's documents
+            block = getattr(processor, "block_len", 1)
+            per_reader = [sum(sum(tokens.get(s.shard, [])[s.start:s.stop]) for s in reader.segments) for reader in plan.readers]
+            rank_tokens = [sum(per_reader[r * readers:(r + 1) * readers]) for r in range(world_size)]
+            rank_blocks = [sum(t // block for t in per_reader[r * readers:(r + 1) * readers]) for r in range(world_size)]
+            rank_batches = [sum(t // block // batch_size for t in per_reader[r * readers:(r + 1) * readers])
+                            for r in range(world_size)]
+            report(f"  packed text, epoch {epoch}: tokens per rank {min(rank_tokens)}..{max(rank_tokens)}; blocks of {block} "
+                   f"per rank {min(rank_blocks)}..{max(rank_blocks)}; full batches per rank {min(rank_batches)}..{max(rank_batches)}")
+            summary.update(tokens=sum(rank_tokens), blocks_per_rank=rank_blocks, batches_per_rank=rank_batches)
+    report(" ".join(f"{k}={v}" for k, v in summary.items() if k not in ("duplicate_keys", "batches_per_rank", "blocks_per_rank")))
     return summary
 
 

@@ -57,6 +57,13 @@ class TokenPacker:
         self._carry = tokens[full:]
         return [tokens[start : start + self.block_len].astype(np.int64) for start in range(0, full, self.block_len)]
 
+    def count_tokens(self, sample: Sample) -> int:
+        """Tokens this document adds to the stream (its own, and the end-of-text), leaving the
+        packing state alone (``data inspect --verify``)."""
+        if self._tokenizer is None:
+            self._load()
+        return len(self._tokenizer.encode(sample_text(sample, self.text_key)).ids) + 1
+
     def state_dict(self) -> Dict[str, Any]:
         return {"carry": torch.from_numpy(self._carry.copy())}
 

@@ -73,3 +73,30 @@ def test_cli_exit_status_and_last_line(tmp_path, text_corpus, capsys):
           "--world-size", "2", "--workers", "2", "--verify"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert "duplicates=0 missing=0" in last and "bad=0" in last
+
+
+def test_verify_in_parallel_and_packed_text_counts(text_corpus):
+    """--jobs 2 finds what one process finds; packed text reports its tokens and blocks per rank."""
+    from framework.data.text import TokenPacker
+    from framework.text.tokenizer import load_tokenizer
+
+    runs = []
+    for jobs in (1, 2):
+        lines = []
+        summary = inspect_data(str(text_corpus["train"]), seed=0, batch_size=2, remainder="drop", world_size=2, num_workers=2,
+                               processor=TokenPacker(str(text_corpus["tokenizer"]), 64), verify=True, report=lines.append,
+                               jobs=jobs)
+        runs.append((summary, lines))
+    assert runs[0] == runs[1]
+    summary, lines = runs[0]
+    tokenizer = load_tokenizer(str(text_corpus["tokenizer"]))
+    from framework.data.sources import open_shard, resolve_shards
+    from framework.data.tar import iter_samples
+
+    expected = 0
+    for shard in resolve_shards(str(text_corpus["train"])):
+        with open_shard(shard.url) as stream:
+            expected += sum(len(tokenizer.encode(str(s["txt"], "utf-8")).ids) + 1 for _, s, _ in iter_samples(stream))
+    assert summary["tokens"] == expected and summary["missing"] == 0 and summary["duplicates"] == 0
+    assert sum(summary["blocks_per_rank"]) <= expected // 64 and min(summary["blocks_per_rank"]) > 0
+    assert any(line.startswith("  packed text, epoch 0: tokens per rank") for line in lines)
