@@ -226,8 +226,10 @@ def finetune_rows(o: Any) -> Tuple[List[Dict[str, Any]], Dict[str, np.ndarray], 
     train = scan_labels(o.train, "data.train")
     held = np.zeros(len(train.ids), dtype=bool) if o.test else selection_part(train.ids)
     pool_labels, pool_ids = train.labels[~held], train.ids[~held]
-    # the head covers every class of training and selection (a test-only class is simply never predicted)
-    num_classes = int(max(train.labels.max(), scan_labels(o.val, "data.val").labels.max())) + 1
+    # the head covers every class of training and selection, never read from the test set (a
+    # test-only class is simply never predicted)
+    selection_max = scan_labels(o.val, "data.val").labels.max() if o.test else train.labels.max()
+    num_classes = int(max(train.labels.max(), selection_max)) + 1
     test_spec = o.test or o.val
     val_spec = o.val if o.test else str(out / "subsets" / "selection")
     if not o.test:
