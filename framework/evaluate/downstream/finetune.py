@@ -19,7 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
@@ -264,12 +264,11 @@ def finetune_rows(o: Any) -> Tuple[List[Dict[str, Any]], Dict[str, np.ndarray], 
     return rows, kept, truth[0], truth[1], test_spec
 
 
-def check_overrides(overrides: List[str]) -> Optional[str]:
+def check_overrides(overrides: List[str]) -> None:
     """Keys that would break the comparison: the run's identity is the command's to set."""
     for item in overrides:
         key = item.partition("=")[0]
-        if key in ("data.train", "data.val", "data.test") or key.startswith(("run.", "objective.name", "objective.checkpoint",
-                                                                                "objective.num_classes", "objective.from_scratch", "model.")):
+        if key.startswith(("run.", "objective.name", "objective.checkpoint", "objective.num_classes", "objective.from_scratch",
+                           "model.")):
             raise ConfigError(f"command line: {key} is set by `pretrain eval finetune` itself "
-                              "(data.* shards by its own options, run.* and the network by the checkpoint)")
-    return None
+                              "(run.* by its --output, the network by the checkpoint)")

@@ -26,12 +26,23 @@ class BestCheckpoint(Callback):
         better = value > self.best if self.mode == "max" else value < self.best
         if not better:
             return
+        from framework.training.checkpoint import TMP_PREFIX, _remove, commit
+
         self.best = value
-        # Every rank takes part: sharded strategies write one piece per rank.
-        trainer.save_checkpoint(self.run_dir / BEST_CHECKPOINT, weights_only=True)
+        final = self.run_dir / BEST_CHECKPOINT
+        tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
         if trainer.is_global_zero:
+            _remove(tmp)
+        trainer.strategy.barrier("best-start")
+        # Every rank takes part (sharded strategies write one piece per rank); the rename makes a
+        # preemption mid-save leave the previous best intact.
+        trainer.save_checkpoint(tmp, weights_only=True)
+        trainer.strategy.barrier("best-written")
+        if trainer.is_global_zero:
+            commit(tmp, final)
             record = {"step": trainer.global_step, self.monitor: value}
             (self.run_dir / BEST_RECORD).write_text(json.dumps(record))
+        trainer.strategy.barrier("best-committed")
 
     def state_dict(self) -> Dict[str, Any]:
         return {"best": self.best}
