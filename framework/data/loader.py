@@ -4,10 +4,13 @@ Objectives' DataModules call ``train_loader`` / ``val_loader`` and nothing deepe
 streaming internals can change without touching any objective.
 
 Checkpointing: Lightning asks every rank for the loader state but writes only rank 0's
-checkpoint. ``ResumableLoader.state_dict`` therefore gathers all ranks' positions into
-one state; on load each rank takes its own. If the world size or the number of dataloader
-workers changed, the positions are turned into the samples of the current epoch that no
-reader has handed out yet, and those are re-planned over the new readers (elastic resume).
+checkpoint. ``ResumableLoader.state_dict`` returns the layout (world size, workers) and this
+rank's position; the checkpoint callback (``framework.training.checkpoint``) moves the
+position into the rank's own file beside the checkpoint, so rank 0 gathers nothing, and on
+load hands the loader a reader of those files. Each rank reads its own; if the world size
+or the number of dataloader workers changed, the positions are turned into the samples of
+the current epoch that no reader has handed out yet, and those are re-planned over the new
+readers, each rank reading only the files it needs (``framework.data.elastic``).
 """
 from __future__ import annotations
 
@@ -21,14 +24,18 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from framework.config.schema import DataConfig
 from framework.data.cache import ShardCache
-from framework.data.plan import Segment, Sources, epoch_plan, plan_from_sequence
+from framework.data.elastic import GatheredStates, SavedLoaderStates, elastic_remainder, worker_dataset_states
+from framework.data.plan import Sources
 from framework.data.faults import ON_ERROR
 from framework.data.sources import Shard, announce_commands, check_shards, resolve_shards, resolve_sources, with_counts
 from framework.data.stream import COUNTERS, Processor, ShardStream, collate_arrays
 from framework.errors import DataError
 
 log = logging.getLogger(__name__)
-STATE_FORMAT = "framework-loader/1"
+STATE_FORMAT = "framework-loader/2"  # positions in per-rank files
+GATHERED_FORMAT = "framework-loader/1"  # older checkpoints: every rank's position in rank 0's file
+LOCAL_KEY = "local"  # this rank's position, until the checkpoint callback moves it into the rank's file
+SAVED_KEY = "saved"  # set on load by the checkpoint callback: a SavedLoaderStates over the files
 # The train loader's reported length. Having a length keeps Lightning from prefetching a
 # batch (which would checkpoint a position one batch ahead); making it far longer than any
 # run keeps a Lightning "epoch" from ending at max_steps: when a finished run is extended,
@@ -42,12 +49,13 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def worker_dataset_states(loader_state: Dict[str, Any], num_workers: int) -> List[Optional[Dict[str, Any]]]:
-    """The stream state of each dataloader worker inside a torchdata loader state."""
-    if num_workers == 0:
-        return [loader_state.get("dataset_state")]
-    snapshots = loader_state["_snapshot"]["_worker_snapshots"]
-    return [snapshots.get(f"worker_{w}", {}).get("dataset_state") for w in range(num_workers)]
+def _all_gather(mine: Any) -> List[Any]:
+    rank, world = _world()
+    if world == 1:
+        return [mine]
+    parts: List[Any] = [None] * world
+    dist.all_gather_object(parts, mine)
+    return parts
 
 
 class ResumableLoader(StatefulDataLoader):
@@ -66,61 +74,51 @@ class ResumableLoader(StatefulDataLoader):
         return totals
 
     def state_dict(self) -> Dict[str, Any]:
-        local = self.local_state_dict()
+        """What Lightning keeps in its loop state: the layout, and this rank's own position
+        under ``LOCAL_KEY``, which the checkpoint callback moves into the rank's own file."""
         rank, world = _world()
-        states: List[Any] = [local]
-        if world > 1:  # a collective: every rank is in dump_checkpoint at the same time
-            states = [None] * world
-            dist.all_gather_object(states, local)
-        return {"format": STATE_FORMAT, "world_size": world, "num_workers": self.num_workers, "ranks": states}
+        return {"format": STATE_FORMAT, "world_size": world, "num_workers": self.num_workers, LOCAL_KEY: self.local_state_dict()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if state.get("format") != STATE_FORMAT:
-            raise DataError("the checkpoint's data loader state is from an unknown format; cannot resume the data position")
         rank, world = _world()
-        if state["world_size"] == world and state["num_workers"] == self.num_workers:
-            super().load_state_dict(state["ranks"][rank])
+        saved: Optional[SavedLoaderStates] = None
+        if state.get("format") == GATHERED_FORMAT:
+            saved = GatheredStates(state)
+        elif state.get("format") == STATE_FORMAT:
+            saved = state.get(SAVED_KEY)  # the checkpoint callback's reader of the per-rank files
+            if saved is None and LOCAL_KEY in state and state["world_size"] == 1:
+                saved = GatheredStates({**state, "ranks": [state[LOCAL_KEY]]})
+        if saved is None:
+            raise DataError(
+                "the checkpoint's data loader state is from an unknown format or its per-rank data state files are "
+                "missing; cannot resume the data position"
+            )
+        if saved.world_size == world and saved.num_workers == self.num_workers:
+            super().load_state_dict(saved.loader_state(rank))
             return
-        self.dataset.elastic = elastic_remainder(self.dataset, state)
+        self.dataset.elastic = elastic_remainder(self.dataset, saved, rank, world, self.num_workers, gather=_all_gather)
         if rank == 0:
+            waiting = (self.dataset.elastic or {}).get("waiting_dropped", 0)
             log.warning(
                 "resuming the data position with %d rank(s) x %d worker(s) instead of %d x %d: the rest of the "
-                "epoch is re-planned over the new readers", world, self.num_workers, state["world_size"], state["num_workers"],
+                "epoch is re-planned over the new readers%s", world, self.num_workers, saved.world_size, saved.num_workers,
+                f"; {waiting} item(s) the old readers had produced from documents already read but not handed out "
+                "(packed blocks in their mixing buffers) are not carried over" if waiting else "",
             )
 
 
-def elastic_remainder(stream: ShardStream, saved: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """The samples of the oldest epoch in progress that no reader has handed out yet."""
-    if stream.mode != "epoch":
-        return None  # resampled streams have no epoch to complete: new draws continue
-    old_world, old_workers = saved["world_size"], saved["num_workers"]
-    readers = [worker_dataset_states(saved["ranks"][r], old_workers) for r in range(old_world)]
-    started = [s for rank in readers for s in rank if s and s.get("started")]
-    if not started:
-        return None
-    fingerprint = started[0]["fingerprint"]
-    epoch = min(s["epoch"] for s in started)
-    if any(s.get("elastic_sequence") for s in started if s["epoch"] == epoch):
-        sequence = [Segment(*t) for t in next(s["elastic_sequence"] for s in started if s.get("elastic_sequence"))]
-        old_plan = plan_from_sequence(sequence, old_world, max(old_workers, 1), fingerprint["batch_size"], fingerprint["remainder"])
-    else:
-        old_plan = epoch_plan(stream.counts, fingerprint["seed"], epoch, old_world, max(old_workers, 1), fingerprint["batch_size"], fingerprint["remainder"])
-    remaining: List[Segment] = []
-    for rank in range(old_world):
-        for worker, state in enumerate(readers[rank]):
-            plan = old_plan.reader(rank, worker)
-            if not state or not state.get("started"):
-                remaining.extend(plan.segments)
-                continue
-            if state["epoch"] > epoch:
-                continue  # this reader finished the epoch
-            index, consumed = state["segment"], state["consumed"]
-            if index < len(plan.segments):
-                current = plan.segments[index]
-                remaining.append(Segment(current.shard, current.start + consumed, current.stop))
-                remaining.extend(plan.segments[index + 1 :])
-            remaining.extend(Segment(shard, sample, sample + 1) for shard, sample, _ in state["buffer"])
-    return {"epoch": epoch, "remaining": remaining}
+def data_state_stubs(tree: Any) -> List[Dict[str, Any]]:
+    """The resumable loaders' entries in a checkpoint's loop state, in a fixed order."""
+    found: List[Dict[str, Any]] = []
+    if isinstance(tree, dict):
+        if tree.get("format") == STATE_FORMAT:
+            return [tree]
+        for key in sorted(tree, key=str):
+            found += data_state_stubs(tree[key])
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            found += data_state_stubs(value)
+    return found
 
 
 def shard_cache(data: DataConfig) -> Optional[ShardCache]:

@@ -7,7 +7,9 @@ pass a seeded shuffle buffer, then a modality-specific ``processor`` turns each 
 ``state_dict()`` is the exact position after the last item handed out: epoch, segment,
 samples consumed in it and the byte offset of the next one, the shuffle buffer as sample
 *locators* (shard, index, byte offset: re-read on resume, never stored as bytes), items
-produced but not yet handed out, the processor's carry-over and the RNG. A resumed stream
+produced but not yet handed out (as origins re-derived on resume where the processor
+``replays_items``, as a packer's token blocks do; otherwise stacked, integers in the
+narrowest type that holds them), the processor's carry-over and the RNG. A resumed stream
 seeks to the saved offset: its cost does not grow with the position in the epoch.
 
 Faults (a missing, empty, truncated or malformed shard, an undecodable sample) follow
@@ -27,7 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from framework.data.plan import EpochPlan, Segment, Sources, epoch_plan, plan_from_sequence, resampled_draw
+from framework.data.elastic import elastic_plan_state, legacy_elastic_sequence
+from framework.data.plan import EpochPlan, ReaderPlan, Segment, Sources, epoch_plan, resampled_draw
 from framework.data.cache import ShardCache
 from framework.data.faults import ON_ERROR, report_fault
 from framework.data.sources import Shard, open_shard
@@ -84,13 +87,18 @@ def _pack_items(items: Sequence[Any]) -> Any:
     if isinstance(first, np.ndarray) and all(
         isinstance(x, np.ndarray) and x.shape == first.shape and x.dtype == first.dtype for x in items
     ):
-        return {"stacked": torch.from_numpy(np.stack(items))}
+        stacked = np.stack(items)
+        if stacked.dtype.kind in "iu" and stacked.itemsize > 2 and stacked.size and 0 <= stacked.min() and stacked.max() < 1 << 16:
+            # token ids of a vocabulary below 65,536: a quarter of int64's bytes
+            return {"stacked": torch.from_numpy(stacked.astype(np.uint16)), "dtype": str(stacked.dtype)}
+        return {"stacked": torch.from_numpy(stacked)}
     return [_to_checkpointable(x) for x in items]
 
 
 def _unpack_items(packed: Any) -> List[Any]:
     if isinstance(packed, dict):
-        return list(packed["stacked"].numpy())
+        stacked = packed["stacked"].numpy()
+        return list(stacked.astype(packed["dtype"]) if "dtype" in packed else stacked)
     return [_from_checkpointable(x) for x in packed]
 
 
@@ -184,6 +192,10 @@ class ShardStream(IterableDataset):
         self._buffer_locators: List[Locator] = []
         self._buffer_lengths: List[float] = []  # with bucket: each buffered sample's length
         self._pending: Deque[Any] = deque()
+        # A replaying processor's waiting items are checkpointed by origin (kept in step with pending).
+        self._replay = bool(getattr(processor, "replays_items", False)) and not processor.one_to_one
+        self._origins: Deque[Any] = deque()
+        self._documents_limit = 4096  # the replaying processor's document table is pruned past this
         self._last_good: Optional[Locator] = None
         self._rng = ReplayableRandom()
         self._worker = 0
@@ -199,9 +211,23 @@ class ShardStream(IterableDataset):
 
     # -- plan -------------------------------------------------------------------------
     def plan(self, epoch: int, num_workers: int) -> EpochPlan:
-        if self.elastic is not None and epoch == self.elastic["epoch"]:
-            return plan_from_sequence(self.elastic["remaining"], self.world_size, num_workers, self.batch_size, self.remainder)
+        """The seeded plan of an epoch (every reader's share)."""
         return epoch_plan(self.counts, self.seed, epoch, self.world_size, num_workers, self.batch_size, self.remainder)
+
+    def _reader_plan(self, epoch: int, worker: int) -> Tuple[ReaderPlan, int, int]:
+        """(this reader's share of ``epoch``, samples the policy dropped, repeated): the
+        elastic re-plan of the epoch a resume on other readers fell in, or the seeded one."""
+        if self.elastic is not None and epoch == self.elastic["epoch"]:
+            segments, batches = self.elastic["readers"][worker]
+            return ReaderPlan(tuple(segments), batches), self.elastic["dropped"], self.elastic["repeated"]
+        plan = self.plan(epoch, self._num_workers)
+        return plan.reader(self.rank, worker), plan.dropped, plan.repeated
+
+    def _elastic_state(self, worker: int) -> Optional[Dict[str, Any]]:
+        if self.elastic is None or self.elastic["epoch"] != self._state["epoch"]:
+            return None
+        segments, batches = self.elastic["readers"][worker]
+        return elastic_plan_state(segments, batches, self.elastic["epoch"])
 
     def fingerprint(self, num_workers: int) -> Dict[str, Any]:
         """What a saved position is relative to: resuming needs the same values."""
@@ -211,22 +237,39 @@ class ShardStream(IterableDataset):
     # -- resumable state --------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         if not self._started:
-            # Loaders snapshot a worker before it starts; there is no position yet.
-            return {"started": False}
+            # Loaders snapshot a worker before it starts; there is no position yet (but an
+            # elastic plan, which a later resume could not derive).
+            if self.elastic is None:
+                return {"started": False}
+            info = get_worker_info()
+            segments, batches = self.elastic["readers"][info.id if info is not None else 0]
+            return {"started": False, "elastic": elastic_plan_state(segments, batches, self.elastic["epoch"])}
         return {
             "started": True,
             "fingerprint": self.fingerprint(self._num_workers),
             **self._state,
             "counters": dict(self._counters),
             "buffer": list(self._buffer_locators),
-            "pending": _pack_items(self._pending),
+            "pending": self._pending_state(),
             "last_good": self._last_good,
             "processor": self.processor.state_dict(),
             "rng": self._rng.state(),
-            # an elastic epoch's plan is not derivable from the seed: keep its sequence
-            "elastic_sequence": [tuple(vars(s).values()) for s in self.elastic["remaining"]]
-            if self.elastic and self.elastic["epoch"] == self._state["epoch"] else None,
+            # an elastic epoch's plan is not derivable from the seed: each reader keeps its own
+            "elastic": self._elastic_state(self._worker),
         }
+
+    def _pending_state(self) -> Any:
+        if not self._replay:
+            return _pack_items(self._pending)
+        self._forget_documents()
+        return {"origins": torch.tensor(list(self._origins), dtype=torch.int64).reshape(-1, 2)}
+
+    def _forget_documents(self) -> None:
+        """Drop the replaying processor's locators of documents no waiting item needs."""
+        oldest = self.processor.oldest_needed()
+        if self._origins:
+            oldest = min(oldest, min(number for number, _ in self._origins))
+        self.processor.documents.forget_before(oldest)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self._resume = state if state.get("started") else None
@@ -238,12 +281,24 @@ class ShardStream(IterableDataset):
                 f"{self.fingerprint(num_workers)}; resume through the loader (elastic resume)"
             )
         self._state = {k: state[k] for k in _POSITION_KEYS}
-        if state.get("elastic_sequence"):
-            self.elastic = {"epoch": state["epoch"], "remaining": [Segment(*t) for t in state["elastic_sequence"]]}
+        plan = None
+        if state.get("elastic"):
+            plan = tuple(Segment(*t) for t in state["elastic"]["segments"]), state["elastic"]["batches"]
+        elif state.get("elastic_sequence"):  # the gathered format's checkpoints
+            plan = legacy_elastic_sequence(state, self.rank, self._worker)
+        if plan is not None:  # its policy counts were taken when the elastic epoch began
+            self.elastic = {"epoch": state["epoch"], "readers": {self._worker: plan}, "dropped": 0, "repeated": 0}
         self._counters = dict(state["counters"])
         self._last_good = tuple(state["last_good"]) if state["last_good"] is not None else None
-        self._pending = deque(_unpack_items(state["pending"]))
         self.processor.load_state_dict(state["processor"])
+        pending = state["pending"]
+        if isinstance(pending, dict) and "origins" in pending:
+            origins = [tuple(o) for o in pending["origins"].tolist()]
+            blocks = self.processor.rebuild(origins, self._reread_all)  # unreadable ones were counted as faults
+            kept = [i for i, block in enumerate(blocks) if block is not None]
+            self._pending, self._origins = deque(blocks[i] for i in kept), deque(origins[i] for i in kept)
+        else:
+            self._pending = deque(_unpack_items(pending))
         self._rng.restore(state["rng"])
         entries = self._reread_all([tuple(locator) for locator in state["buffer"]])
         self._buffer_locators = [locator for locator, _, _ in entries]
@@ -279,11 +334,10 @@ class ShardStream(IterableDataset):
 
     def _epoch(self, worker: int) -> Iterator[Any]:
         state = self._state
-        plan = self.plan(state["epoch"], self._num_workers)
-        reader = plan.reader(self.rank, worker)
+        reader, dropped, repeated = self._reader_plan(state["epoch"], worker)
         if self.rank == 0 and worker == 0 and state["segment"] == 0 and state["consumed"] == 0:
-            self._counters["policy_dropped"] += plan.dropped
-            self._counters["policy_repeated"] += plan.repeated
+            self._counters["policy_dropped"] += dropped
+            self._counters["policy_repeated"] += repeated
             self._counters["skipped_shards"] += self.planning_faults
         quota = reader.samples if self.processor.one_to_one and self.remainder != "none" else None
         while state["segment"] < len(reader.segments):
@@ -323,7 +377,7 @@ class ShardStream(IterableDataset):
         buffer, locators, size, random = self._buffer, self._buffer_locators, self.shuffle_buffer, rng.generator.random
         if state["consumed"] == 0:  # a fresh segment (a resume inside one restored the draws)
             rng.reseed(self.seed, self.rank, self._worker, state["epoch"], state["segment"], state["draw"])
-        processor, one_to_one, urls = self.processor, self.processor.one_to_one, self._urls
+        processor, one_to_one, urls, replay = self.processor, self.processor.one_to_one, self._urls, self._replay
         direct = one_to_one or size <= 1  # items go out in order: no mixing in pending
         bucket = self.bucket
         shard, first = segment.shard, segment.start
@@ -378,6 +432,8 @@ class ShardStream(IterableDataset):
                         key, sample = buffer.pop()
                         locator = locators.pop()
                     try:  # _process, inline: once per sample
+                        if replay:
+                            processor.source = locator
                         items = processor(key, sample, urls[locator[0]])
                     except SampleError as exc:
                         self._fault(urls[locator[0]], key, str(exc))
@@ -435,6 +491,8 @@ class ShardStream(IterableDataset):
     def _process(self, locator: Locator, key: str, sample: Sample) -> List[Any]:
         """The processor's items for a sample; none (counted, or raised) when it cannot decode it."""
         try:
+            if self._replay:
+                self.processor.source = locator
             items = self.processor(key, sample, self.shards[locator[0]].url)
         except SampleError as exc:
             self._fault(self.shards[locator[0]].url, key, str(exc))
@@ -447,7 +505,13 @@ class ShardStream(IterableDataset):
         return items
 
     def _hand_out(self, items: List[Any]) -> Iterator[Any]:
+        """Items of the last processor call, through ``pending``."""
         self._pending.extend(items)
+        if self._replay:
+            self._origins.extend(self.processor.last_origins)
+            if len(self.processor.documents) > self._documents_limit:
+                self._forget_documents()
+                self._documents_limit = max(4096, 2 * len(self.processor.documents))
         yield from self._drain_pending()
 
     def _drain_pending(self, final: bool = False) -> Iterator[Any]:
@@ -455,13 +519,19 @@ class ShardStream(IterableDataset):
         another; they are mixed here (``pending`` doubles as an item shuffle buffer), so a batch
         does not hold many blocks of one document."""
         mixing = not self.processor.one_to_one and self.shuffle_buffer > 1
-        while self._pending and (final or not mixing or len(self._pending) >= self.shuffle_buffer):
+        pending, origins, replay = self._pending, self._origins, self._replay
+        while pending and (final or not mixing or len(pending) >= self.shuffle_buffer):
             if mixing:
-                index = self._rng.pick(len(self._pending))
-                self._pending[index], self._pending[-1] = self._pending[-1], self._pending[index]
-                item = self._pending.pop()
+                index = self._rng.pick(len(pending))
+                pending[index], pending[-1] = pending[-1], pending[index]
+                item = pending.pop()
+                if replay:
+                    origins[index], origins[-1] = origins[-1], origins[index]
+                    origins.pop()
             else:
-                item = self._pending.popleft()
+                item = pending.popleft()
+                if replay:
+                    origins.popleft()
             self._state["yielded"] += 1
             yield item
 

@@ -7,14 +7,18 @@ model on one rank. Every checkpoint also carries:
 
 * ``framework``: which strategy and world size wrote it (``framework.json`` in directories),
   so a resume under different ones stops with a clear message before training;
-* one RNG state per rank (python, numpy, torch, cuda): directories hold ``rank-XXXXX.pt``
-  written by each rank; a ddp file holds the gathered list. (Every rank's data position is in
-  Lightning's loop state: ``framework.data.loader.ResumableLoader`` gathers them itself.)
+* each rank's own state in its own file ``rank-XXXXX.pt``, written by that rank: its RNG
+  states (python, numpy, torch, cuda) and its data loaders' positions. Rank 0 gathers
+  nothing. The files lie inside a checkpoint directory, and beside a checkpoint file in
+  ``step-XXXXXXXX.ranks/``. Lightning's loop state keeps only the loaders' layout
+  (``framework.data.loader``); exact resume reads a rank's own file, elastic resume the few
+  that its share of the re-plan needs (``framework.data.elastic``).
 
 Atomic: everything is written under ``.tmp-step-...`` and renamed into place by rank 0 after
-every rank has finished, so a crash mid-save leaves the previous checkpoints as they were
-(stale temporaries are removed at the next start). Pruning to ``keep_last`` happens after the
-rename.
+every rank has finished, the rank files' directory before the checkpoint file (whose rename
+is the commit), so a crash mid-save leaves the previous checkpoints as they were (stale
+temporaries and rank directories without their checkpoint are removed at the next start).
+Pruning to ``keep_last`` happens after the rename.
 """
 from __future__ import annotations
 
@@ -31,12 +35,15 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
-from framework.errors import ConfigError
+from framework.data.loader import LOCAL_KEY, SAVED_KEY, data_state_stubs
+from framework.errors import ConfigError, DataError
 
 CHECKPOINT_DIR = "checkpoints"
 TMP_PREFIX = ".tmp-"
 INFO_FILE = "framework.json"
 FORMAT_VERSION = 1
+RANK_FILE = "rank-{:05d}.pt"
+RANKS_SUFFIX = ".ranks"
 _STEP = re.compile(r"^step-(\d+)\.ckpt$")
 
 
@@ -66,10 +73,42 @@ def newest_checkpoint(run_dir: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def rank_state_dir(checkpoint: Path) -> Path:
+    """Where each rank's own state file is: inside a checkpoint directory, beside a file."""
+    checkpoint = Path(checkpoint)
+    return checkpoint if checkpoint.is_dir() else checkpoint.with_suffix(RANKS_SUFFIX)
+
+
+class RankStateFiles:
+    """The data-loader states of a checkpoint's ranks, each read from its file on demand
+    (``framework.data.elastic.SavedLoaderStates``); ``files_read`` lists what was opened."""
+
+    def __init__(self, directory: Path, world_size: int, num_workers: int, index: int) -> None:
+        self.directory, self.world_size, self.num_workers, self.index = Path(directory), world_size, num_workers, index
+        self.files_read: List[int] = []
+
+    def loader_state(self, rank: int) -> Dict[str, Any]:
+        from framework.training.trusted import load_trusted
+
+        path = self.directory / RANK_FILE.format(rank)
+        if not path.is_file():
+            raise DataError(
+                f"cannot resume the data position: {path} (rank {rank}'s data state) is missing; a checkpoint file "
+                f"needs its {self.directory.name}/ directory beside it"
+            )
+        self.files_read.append(rank)
+        data = load_trusted(path).get("data") or []
+        if self.index >= len(data) or data[self.index] is None:
+            raise DataError(f"cannot resume the data position: {path} holds no state for data loader {self.index}")
+        return data[self.index]
+
+
 def remove_stale_temporaries(run_dir: Path) -> List[Path]:
     """Leftovers of saves that crashed before their rename; call on rank 0 before training."""
     folder = Path(run_dir) / CHECKPOINT_DIR
     stale = sorted(folder.glob(f"{TMP_PREFIX}*")) if folder.is_dir() else []
+    stale += [p for p in (sorted(folder.glob(f"step-*{RANKS_SUFFIX}")) if folder.is_dir() else [])
+              if not p.with_suffix(".ckpt").exists()]
     for path in stale:
         _remove(path)
     return stale
@@ -114,6 +153,8 @@ def prune(run_dir: Path, keep_last: int) -> List[Path]:
         return []
     old = list_checkpoints(run_dir)[:-keep_last]
     for path in old:
+        if not path.is_dir():
+            _remove(rank_state_dir(path))
         _remove(path)
     return old
 
@@ -256,22 +297,27 @@ class Checkpointing(Callback):
         strategy = trainer.strategy
         final = self.dirpath / checkpoint_name(step)
         tmp = self.dirpath / f"{TMP_PREFIX}{final.name}"
+        ranks = tmp if self.sharded else tmp.with_suffix(RANKS_SUFFIX)
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
             _remove(tmp)
+            _remove(ranks)
+            if not self.sharded:
+                ranks.mkdir()
         strategy.barrier("checkpoint-start")
         # the full state (weights_only here means "save only the weights", not how it is loaded)
         trainer.save_checkpoint(tmp, weights_only=False)  # strategy-specific: one file, DCP shards or ZeRO shards
-        if self.sharded:
-            assert self._rank_state is not None
-            torch.save(self._rank_state, tmp / f"rank-{trainer.global_rank:05d}.pt")
-            if trainer.is_global_zero:
-                (tmp / INFO_FILE).write_text(json.dumps({**self.info, "step": step}, indent=1))
+        assert self._rank_state is not None
+        torch.save(self._rank_state, ranks / RANK_FILE.format(trainer.global_rank))  # this rank's own, by this rank
+        if self.sharded and trainer.is_global_zero:
+            (tmp / INFO_FILE).write_text(json.dumps({**self.info, "step": step}, indent=1))
         self._rank_state = None
         if mid_training and self.before_commit is not None:
             self.before_commit(trainer)
         strategy.barrier("checkpoint-written")  # every shard is on disk before the rename
         if trainer.is_global_zero:
+            if not self.sharded:
+                commit(ranks, rank_state_dir(final))  # before the file: its rename is the commit
             commit(tmp, final)
             prune(self.run_dir, self.keep_last)
         strategy.barrier("checkpoint-committed")
@@ -280,36 +326,34 @@ class Checkpointing(Callback):
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: Dict[str, Any]) -> None:
         checkpoint["framework"] = {**self.info, "step": trainer.global_step, "format": FORMAT_VERSION}
-        state = {"rng": collect_rng_states()}
-        if self.sharded:
-            self._rank_state = state  # written by this rank into the checkpoint directory
-            return
-        # One file written by rank 0: gather the (small) per-rank states into it.
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world = torch.distributed.get_world_size()
-            gathered: Optional[List[Any]] = [None] * world if trainer.is_global_zero else None
-            torch.distributed.gather_object(state, gathered, dst=0)
-            checkpoint["rank_states"] = gathered
-        else:
-            checkpoint["rank_states"] = [state]
+        # This rank's own state, written by this rank into its own file (see save); the data
+        # loaders' positions leave Lightning's loop state for it.
+        data = [stub.pop(LOCAL_KEY, None) for stub in data_state_stubs(checkpoint.get("loops", {}))]
+        self._rank_state = {"rng": collect_rng_states(), "data": data}
 
     # -- resuming --------------------------------------------------------------------------
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: Dict[str, Any]) -> None:
         rank, world = trainer.global_rank, trainer.world_size
         self.last_saved_step = checkpoint.get("global_step")
+        directory = rank_state_dir(Path(trainer.ckpt_path)) if trainer.ckpt_path else None
+        if directory is not None:
+            # The loaders read their positions from the rank files (their own, or on another
+            # world size the ones the re-plan needs); a missing file is named when it is needed.
+            for index, stub in enumerate(data_state_stubs(checkpoint.get("loops", {}))):
+                stub[SAVED_KEY] = RankStateFiles(directory, stub["world_size"], stub["num_workers"], index)
         saved_world = checkpoint.get("framework", {}).get("world_size", world)
         if saved_world != world:
             rank_zero_warn(f"resuming {saved_world} ranks' checkpoint on {world}: random streams restart from run.seed")
             return
         state: Optional[Dict[str, Any]] = None
-        states = checkpoint.get("rank_states")
-        if states is not None:
-            state = states[rank] if rank < len(states) else None
-        elif trainer.ckpt_path and Path(trainer.ckpt_path).is_dir():
-            file = Path(trainer.ckpt_path) / f"rank-{rank:05d}.pt"
+        states = checkpoint.get("rank_states")  # checkpoint files written before the rank files
+        file = directory / RANK_FILE.format(rank) if directory is not None else None
+        if file is not None and file.is_file():
             from framework.training.trusted import load_trusted
 
-            state = load_trusted(file) if file.is_file() else None
+            state = load_trusted(file)
+        elif states is not None:
+            state = states[rank] if rank < len(states) else None
         if state is None:
             rank_zero_warn("the checkpoint has no per-rank RNG states: random streams restart from run.seed")
             return

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from conftest import KeyProcessor, write_shards
 from framework.data import stream as stream_module
-from framework.data.loader import STATE_FORMAT, ResumableLoader, elastic_remainder, worker_dataset_states
+from framework.data.elastic import GatheredStates, assign, summarize, worker_dataset_states
+from framework.data.loader import ResumableLoader
 from framework.data.plan import Sources, epoch_order, epoch_plan
 from framework.data.sources import Shard, count_samples, resolve_shards, with_counts
 from framework.data.stream import ShardStream, collate_arrays
@@ -143,10 +144,9 @@ def test_resumed_text_loader_continues_exactly(text_corpus, zero_copy):
     iterator = iter(first)
     for _ in range(17):
         next(iterator)
-    # A worker sends its state with every batch, and each tensor in it crosses as a file
-    # descriptor with a connection of its own: the waiting token blocks travel as one tensor.
+    # Waiting token blocks are saved as (document, offset) origins, re-read on resume.
     workers = worker_dataset_states(first.local_state_dict(), 2)
-    assert all(isinstance(w["pending"], dict) and w["pending"]["stacked"].shape[1:] == (32,) for w in workers)
+    assert all(w["pending"]["origins"].shape[1:] == (2,) and len(w["pending"]["origins"]) >= 8 for w in workers)
     saved = io.BytesIO()
     torch.save(first.state_dict(), saved)
     del iterator
@@ -174,6 +174,18 @@ def test_resume_seeks_instead_of_rereading(uneven_shards, monkeypatch):
     assert opened == [state["offset"]], "the resumed reader opens its shard at the saved offset"
 
 
+class CountingStates(GatheredStates):
+    """Saved loader states that record which old ranks were read."""
+
+    def __init__(self, ranks, num_workers):
+        super().__init__({"world_size": len(ranks), "num_workers": num_workers, "ranks": ranks})
+        self.read = []
+
+    def loader_state(self, rank):
+        self.read.append(rank)
+        return super().loader_state(rank)
+
+
 @settings(max_examples=12, deadline=None)
 @given(old=st.tuples(st.integers(1, 3), st.integers(1, 2)), new=st.tuples(st.integers(1, 3), st.integers(1, 2)),
        cuts=st.lists(st.integers(0, 12), min_size=6, max_size=6))
@@ -192,14 +204,21 @@ def test_elastic_resume_sees_each_sample_once(tmp_path_factory, old, new, cuts):
             seen += [next(items) for _ in range(min(cuts[rank * 2 + worker], quota))]
             workers.append(stream.state_dict())
         rank_states.append({"_snapshot": {"_worker_snapshots": {f"worker_{w}": {"dataset_state": s} for w, s in enumerate(workers)}}})
-    saved = {"format": STATE_FORMAT, "world_size": old_world, "num_workers": old_workers, "ranks": rank_states}
-    probe = stream_of(shards, 0, new_world, batch_size=2)
-    remainder = elastic_remainder(probe, saved)
+    saved = CountingStates(rank_states, old_workers)
+    # step 1: each new rank sums up its share of the old ranks; the summaries are "gathered"
+    summaries = {}
+    for rank in range(new_world):
+        summaries.update(summarize(stream_of(shards, rank, new_world, batch_size=2), saved, range(rank, old_world, new_world)))
+    assert sorted(saved.read) == list(range(old_world)), "step 1 reads each old rank's state once"
     after = []
     for rank in range(new_world):
+        saved.read.clear()
+        stream = stream_of(shards, rank, new_world, batch_size=2)
+        stream.elastic = assign(stream, saved, summaries, rank, new_world, new_workers)
+        assert len(saved.read) <= old_world
         for worker in range(new_workers):
             stream = stream_of(shards, rank, new_world, batch_size=2)
-            stream.elastic = remainder
+            stream.elastic = assign(stream, saved, summaries, rank, new_world, new_workers)
             after += list(stream.reader_items(worker, new_workers))  # endless=False: the epoch's rest
     everything = seen + after
     assert len(everything) == len(set(everything)), "no sample seen twice"

@@ -49,7 +49,13 @@ def test_ddp_fit_checkpoints_resumes_and_logs(text_corpus, tmp_path):
     assert counted and counted[-1]["data/read_samples"] > 0 and counted[-1]["data/skipped_samples"] == 0
     checkpoint = torch.load(run_dir / "checkpoints/step-00000006.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 6
-    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"], "the data loader state is in the checkpoint"
+    loader = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert loader["world_size"] == 2 and "local" not in loader and "rank_states" not in checkpoint, "rank 0's file holds no rank's position"
+    for rank in range(2):  # each rank wrote its own data position and RNG beside the checkpoint
+        own = torch.load(run_dir / f"checkpoints/step-00000006.ranks/rank-{rank:05d}.pt", weights_only=True)
+        assert own["data"][0]["_snapshot"] and own["rng"]["torch"] is not None
+    folder = run_dir / "checkpoints"
+    assert sorted(p.stem for p in folder.glob("*.ranks")) == sorted(p.stem for p in folder.glob("*.ckpt"))
 
     output = run_fit(text_corpus, run_dir, "trainer.max_steps=9", *constant_lr)
     assert "resuming from step-00000006.ckpt" in output
@@ -136,8 +142,9 @@ def test_epochs_over_tiny_uneven_shards_finish_without_hanging(text_corpus, tmp_
     run_fit(text_corpus, run_dir, f"data.train={shards}", "data.num_workers=2", "trainer.max_steps=12", "logging.wandb=disabled")
     state = torch.load(run_dir / "checkpoints/step-00000012.ckpt", weights_only=False)
     loader = state["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
-    assert loader["world_size"] == 2 and len(loader["ranks"]) == 2
-    epochs = [w["dataset_state"]["epoch"] for rank in loader["ranks"] for w in rank["_snapshot"]["_worker_snapshots"].values()]
+    assert loader["world_size"] == 2 and loader["num_workers"] == 2
+    ranks = [torch.load(run_dir / f"checkpoints/step-00000012.ranks/rank-{r:05d}.pt", weights_only=True)["data"][0] for r in range(2)]
+    epochs = [w["dataset_state"]["epoch"] for rank in ranks for w in rank["_snapshot"]["_worker_snapshots"].values()]
     assert min(epochs) >= 2, f"the stream went through several epochs: {epochs}"
 
 
