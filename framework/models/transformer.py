@@ -3,6 +3,10 @@
 Plain PyTorch with no parallelism code: strategies find the repeated ``TransformerBlock``s
 through ``Transformer.repeated_blocks``. Attention is ``F.scaled_dot_product_attention``
 (fused kernels where the device has them); positions are rotary or learned.
+
+Two layouts by config, each the layout of a native transformers class (``pretrain export``):
+``norm=layernorm, mlp=gelu`` (biased LayerNorm and MLP: GPT-NeoX) and ``norm=rmsnorm,
+mlp=swiglu`` (no biases: Llama, the format most tools load).
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ class TransformerConfig(ModelConfig):
     mlp_ratio: float = 4.0
     max_seq_len: int = 1024
     position: str = "rope"  # rope | learned
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    mlp: str = "gelu"  # gelu | swiglu (hidden = dim * mlp_ratio; Llama uses mlp_ratio 8/3)
     dropout: float = 0.0
     tie_embeddings: bool = True
     vocab_size: int = 0  # 0: taken from the tokenizer, rounded up to a multiple of 64
@@ -68,16 +74,51 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
 
 
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    if kind not in NORMS:
+        raise ValueError(f"model.norm must be one of {', '.join(NORMS)}, not {kind!r}")
+    return nn.LayerNorm(dim) if kind == "layernorm" else nn.RMSNorm(dim, eps=1e-5)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), no biases (Shazeer 2020, as in Llama)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.down(F.silu(self.gate(x)) * self.up(x)))
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float, causal: bool) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float, causal: bool,
+                 norm: str = "layernorm", mlp: str = "gelu") -> None:
         super().__init__()
+        if mlp not in MLPS:
+            raise ValueError(f"model.mlp must be one of {', '.join(MLPS)}, not {mlp!r}")
         hidden = int(dim * mlp_ratio)
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = make_norm(norm, dim)
         self.attn = Attention(dim, heads, dropout, causal)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(dropout))
+        self.norm2 = make_norm(norm, dim)
+        if mlp == "gelu":
+            self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(dropout))
+        else:
+            self.mlp = SwiGLU(dim, hidden, dropout)
+
+    @property
+    def mlp_out(self) -> nn.Linear:
+        """The MLP's output projection (scaled at init like the attention's)."""
+        return self.mlp[2] if isinstance(self.mlp, nn.Sequential) else self.mlp.down
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,9 +140,9 @@ class Transformer(nn.Module):
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.position == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            TransformerBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.dropout, causal) for _ in range(cfg.depth)
+            TransformerBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.dropout, causal, cfg.norm, cfg.mlp) for _ in range(cfg.depth)
         )
-        self.norm = nn.LayerNorm(cfg.dim)
+        self.norm = make_norm(cfg.norm, cfg.dim)
         self.head = nn.Linear(cfg.dim, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -111,7 +152,7 @@ class Transformer(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         for block in self.blocks:  # GPT-2: scale residual projections by depth
-            for proj in (block.attn.proj, block.mlp[2]):
+            for proj in (block.attn.proj, block.mlp_out):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.depth))
 
     @staticmethod
