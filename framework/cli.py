@@ -18,6 +18,17 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     fit(load_config(args.config, args.overrides))
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from framework.export.export import export
+
+    summary = export(args.checkpoint, args.format, args.output, overwrite=args.overwrite)
+    print(f"exported {summary['checkpoint']} as {summary['format']} ({summary.get('architecture', '')}) to {summary['output']}")
+    if summary["format"] == "hf":
+        auto = summary.get("auto_class", "AutoModel")
+        print(f"load it with:\n  from transformers import {auto}, AutoTokenizer\n"
+              f"  model, tokenizer = {auto}.from_pretrained(\"{summary['output']}\"), AutoTokenizer.from_pretrained(\"{summary['output']}\")")
+
+
 def _cmd_consolidate(args: argparse.Namespace) -> None:
     from framework.training.consolidate import consolidate
 
@@ -290,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     consolidate.add_argument("checkpoint", help="a step-XXXXXXXX.ckpt file or directory")
     consolidate.add_argument("output", help="the .safetensors file to write (the run config goes in its metadata)")
     consolidate.set_defaults(func=_cmd_consolidate)
+
+    export = sub.add_parser("export", help="a checkpoint -> Hugging Face transformers, ONNX or safetensors, with a model card")
+    export.add_argument("--checkpoint", required=True, help="a checkpoint file or directory (any strategy), a run directory (its newest) or a consolidated .safetensors")
+    export.add_argument("--format", required=True, choices=("hf", "onnx", "safetensors"))
+    export.add_argument("--output", required=True, help="the directory to write (written aside, then renamed into place)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output directory")
+    export.set_defaults(func=_cmd_export)
 
     shards = sub.add_parser("shards", help="write webdataset tar shards from raw files").add_subparsers(dest="kind", required=True)
     text = shards.add_parser("text", help="text files -> shards of documents (one file, one document)")

@@ -85,7 +85,22 @@ def run_text_demo(steps: int = 600, devices: int = 2, workdir: str = "runs/demo"
     print(f"  training speed: {steps_per_s:.2f} steps/s, {elapsed:.0f} s wall clock in all")
     print(f"  run directory: {run_dir}  (config.yaml, metrics.jsonl, checkpoints/, wandb/)")
     print()
-    (work / "demo_result.json").write_text(json.dumps(result, indent=2))
     if not model_ppl < unigram_ppl:
+        (work / "demo_result.json").write_text(json.dumps(result, indent=2))
         raise UserError(f"the model's perplexity {model_ppl:.2f} is not below the unigram baseline's {unigram_ppl:.2f}")
+    result["export"] = export_demo_model(run_dir, work / "gpt-hf")
+    (work / "demo_result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def export_demo_model(run_dir: Path, output: Path) -> str:
+    """The demo GPT as a transformers model (GPT-NeoX) with its tokenizer, and the lines that load it."""
+    from framework.export.export import export
+
+    print(f"[demo] pretrain export --checkpoint {run_dir} --format hf --output {output}", flush=True)
+    summary = export(run_dir, "hf", output, overwrite=True)
+    print(f"  exported as {summary['architecture']} to {output}; in transformers:")
+    print("    from transformers import AutoModelForCausalLM, AutoTokenizer")
+    print(f'    model, tokenizer = AutoModelForCausalLM.from_pretrained("{output}"), AutoTokenizer.from_pretrained("{output}")')
+    print()
+    return str(output)

@@ -77,6 +77,8 @@ def copy_checkpoint(source_run: Path, step: int, new_run: Path) -> Path:
     source = source_run / "checkpoints" / name
     target = new_run / "checkpoints" / name
     (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
+    if not source.is_dir():  # a checkpoint file travels with its ranks' own state files
+        shutil.copytree(source.with_suffix(".ranks"), target.with_suffix(".ranks"))
     return target
 
 
