@@ -26,7 +26,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
     if summary["format"] == "hf":
         auto = summary.get("auto_class", "AutoModel")
         print(f"load it with:\n  from transformers import {auto}, AutoTokenizer\n"
-              f"  model, tokenizer = {auto}.from_pretrained(\"{summary['output']}\"), AutoTokenizer.from_pretrained(\"{summary['output']}\")")
+              f"  model = {auto}.from_pretrained(\"{summary['output']}\"{', trust_remote_code=True' if summary.get('trust_remote_code') else ''})\n"
+              f"  tokenizer = AutoTokenizer.from_pretrained(\"{summary['output']}\")")
 
 
 def _cmd_consolidate(args: argparse.Namespace) -> None:

@@ -9,7 +9,7 @@ from typing import Any, Dict, List
 from framework.config.load import config_to_dict
 
 _LOAD = {
-    "hf": "from transformers import {auto_class}\nmodel = {auto_class}.from_pretrained(\"{path}\")",
+    "hf": "from transformers import {auto_class}\nmodel = {auto_class}.from_pretrained(\"{path}\"{remote})",
     "onnx": "import onnxruntime\nsession = onnxruntime.InferenceSession(\"{path}/model.onnx\")",
     "safetensors": "from safetensors.torch import load_file\nweights = load_file(\"{path}/model.safetensors\")",
 }
@@ -74,7 +74,8 @@ def write_model_card(directory: Path, objective: Any, checkpoint: Path, fmt: str
         "## Load it",
         "",
         "```python",
-        _LOAD[fmt].format(path="<this directory>", auto_class=summary.get("auto_class", "AutoModel")),
+        _LOAD[fmt].format(path="<this directory>", auto_class=summary.get("auto_class", "AutoModel"),
+                          remote=", trust_remote_code=True" if summary.get("trust_remote_code") else ""),
         "```",
         "",
         "## Config",

@@ -74,14 +74,18 @@ def _exporter(objective: Any, fmt: str) -> Callable[[Any, Path], Dict[str, Any]]
 
         check_causal_lm(objective.cfg)
         return export_causal_lm
+    if name == "mlm":
+        from framework.export.text import export_masked_lm
+
+        return export_masked_lm
     if hasattr(objective, "export_backbone") and objective.cfg.model.name in ("vit", "resnet"):
         from framework.export.vision import check_backbone, export_backbone_hf
 
         check_backbone(objective.cfg)
         return export_backbone_hf
     raise ConfigError(
-        f"objective.name={name}: no transformers export for this objective yet (clm goes to GPT-NeoX or Llama, image "
-        "backbones to ViTModel or ResNetModel); use --format safetensors or onnx"
+        f"objective.name={name}: no transformers export for this objective yet (clm goes to GPT-NeoX or Llama, mlm to a "
+        "remote-code model, image backbones to ViTModel or ResNetModel); use --format safetensors or onnx"
     )
 
 

@@ -161,3 +161,44 @@ def export_causal_lm(objective: Any, directory: Path) -> Dict[str, Any]:
     model.save_pretrained(str(directory))  # safetensors, with the `format: pt` metadata transformers reads
     save_tokenizer(cfg.data.tokenizer, directory)
     return {"architecture": architecture, "auto_class": "AutoModelForCausalLM"}
+
+
+REMOTE_FILES = ("configuration_pretrain.py", "modeling_pretrain.py")
+
+
+def export_masked_lm(objective: Any, directory: Path) -> Dict[str, Any]:
+    """An MLM objective as a remote-code transformers model (``trust_remote_code=True``): no
+    native transformers encoder has our pre-norm layout with rotary positions (BERT and RoBERTa
+    are post-norm with learned positions, RoFormer post-norm, ModernBERT normalises its
+    embeddings and has a GLU-only MLP and a head transform), so the directory carries a
+    self-contained copy of our transformer (``framework/export/remote/``: torch and
+    transformers alone) under our parameter names."""
+    import shutil
+
+    from framework.export.remote.configuration_pretrain import PretrainTransformerConfig
+    from framework.export.remote.modeling_pretrain import PretrainTransformerForMaskedLM
+
+    cfg, model_cfg = objective.cfg, objective.cfg.model
+    special = special_token_ids(load_tokenizer(cfg.data.tokenizer))
+    config = PretrainTransformerConfig(
+        vocab_size=objective.model.vocab_size, dim=model_cfg.dim, depth=model_cfg.depth, heads=model_cfg.heads,
+        mlp_ratio=model_cfg.mlp_ratio, max_seq_len=model_cfg.max_seq_len, position=model_cfg.position, norm=model_cfg.norm,
+        mlp=model_cfg.mlp, causal=False, tie_word_embeddings=bool(model_cfg.tie_embeddings),
+        pad_token_id=special["pad"], eos_token_id=special["eos"], bos_token_id=special["eos"],
+        architectures=["PretrainTransformerForMaskedLM"],
+        auto_map={"AutoConfig": "configuration_pretrain.PretrainTransformerConfig",
+                  "AutoModelForMaskedLM": "modeling_pretrain.PretrainTransformerForMaskedLM"},
+    )
+    with torch.random.fork_rng(devices=[]):
+        model = PretrainTransformerForMaskedLM(config)
+    weights = {k: v.detach().float().contiguous().clone() for k, v in objective.state_dict().items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "model.head.weight")]
+    if missing or unexpected:
+        raise ConfigError(f"export: the remote-code mapping left out {missing[:3]} / unexpected {unexpected[:3]}")
+    model.save_pretrained(str(directory))
+    for name in REMOTE_FILES:
+        shutil.copy2(Path(__file__).parent / "remote" / name, directory / name)
+    save_tokenizer(cfg.data.tokenizer, directory)
+    return {"architecture": "PretrainTransformerForMaskedLM (remote code)", "auto_class": "AutoModelForMaskedLM",
+            "trust_remote_code": True}

@@ -152,6 +152,22 @@ def test_consolidated_weights_give_the_same_outputs_in_a_plain_model(runs, tmp_p
     torch.testing.assert_close(logits, probe["logits"], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["fsdp", "zero3"])
+def test_sharded_checkpoints_export_to_what_their_run_computed(runs, tmp_path, name):
+    """`pretrain export --format hf` of an FSDP or ZeRO-3 directory: transformers' model gives
+    the logits the run itself computed at its end (as the ddp twin's export does)."""
+    import transformers
+
+    from framework.export.export import export
+
+    for strategy in ("ddp", name):
+        export(runs[strategy] / "checkpoints" / f"step-{STEPS:08d}.ckpt", "hf", tmp_path / strategy)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / strategy)).eval()
+        probe = torch.load(runs[strategy] / "probe.pt")
+        with torch.no_grad():
+            torch.testing.assert_close(model(probe["tokens"]).logits, probe["logits"], rtol=0, atol=1e-5)
+
+
 def test_resume_under_another_strategy_says_why_and_how(runs, text_corpus, tmp_path):
     sharded = runs["fsdp"] / "checkpoints" / f"step-{STEPS:08d}.ckpt"
     with pytest.raises(ConfigError, match=r"strategy=fsdp on 2 ranks.*strategy fsdp -> deepspeed.*pretrain consolidate"):

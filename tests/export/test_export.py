@@ -256,3 +256,28 @@ def test_onnx_takes_what_transformers_cannot_yet_mlm_and_a_speech_encoder(tmp_pa
 
     with pytest.raises(ConfigError, match="objective.name=wav2vec2: no transformers export"):
         export(speech, "hf", tmp_path / "speech-hf")
+
+
+@pytest.mark.parametrize("layout", [[], ["position=learned", "norm=rmsnorm", "mlp=swiglu"]])
+def test_mlm_exports_to_a_remote_code_masked_lm_with_our_logits(tmp_path, text_corpus, layout):
+    from framework.export.export import export, read_objective
+    from framework.losses.language import masked_token_loss
+
+    checkpoint = _crafted_checkpoint(tmp_path / "mlm.ckpt", text_corpus, objective="mlm",
+                                     **dict(item.split("=") for item in layout))
+    summary = export(checkpoint, "hf", tmp_path / "hf")
+    assert summary["trust_remote_code"] and "trust_remote_code=True" in (tmp_path / "hf/README.md").read_text()
+    model = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    objective = read_objective(checkpoint)[0]
+    tokens = torch.randint(0, objective.model.vocab_size, (3, 12), generator=torch.Generator().manual_seed(5))
+    tokens[:, 3] = tokenizer.mask_token_id
+    valid = torch.ones_like(tokens, dtype=torch.bool)
+    valid[1, 8:] = False  # padding the model must not read
+    labels = torch.full_like(tokens, -100)
+    labels[:, 3] = 7
+    with torch.no_grad():
+        expected = objective.model.logits(objective.model(tokens, valid))
+        out = model(input_ids=tokens, attention_mask=valid.long(), labels=labels)
+    torch.testing.assert_close(out.logits[valid], expected[valid], rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    torch.testing.assert_close(out.loss, masked_token_loss(expected, labels), rtol=1e-5, atol=1e-6)
