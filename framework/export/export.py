@@ -74,6 +74,11 @@ def _exporter(objective: Any, fmt: str) -> Callable[[Any, Path], Dict[str, Any]]
 
         check_causal_lm(objective.cfg)
         return export_causal_lm
+    if name in ("wav2vec2", "hubert"):
+        from framework.export.speech import check_speech, export_speech_hf
+
+        check_speech(objective.cfg)
+        return export_speech_hf
     if name == "mlm":
         from framework.export.text import export_masked_lm
 
@@ -85,7 +90,7 @@ def _exporter(objective: Any, fmt: str) -> Callable[[Any, Path], Dict[str, Any]]
         return export_backbone_hf
     raise ConfigError(
         f"objective.name={name}: no transformers export for this objective yet (clm goes to GPT-NeoX or Llama, mlm to a "
-        "remote-code model, image backbones to ViTModel or ResNetModel); use --format safetensors or onnx"
+        "remote-code model, speech to Wav2Vec2Model or HubertModel, image backbones to ViTModel or ResNetModel); use --format safetensors or onnx"
     )
 
 

@@ -45,6 +45,9 @@ class AudioEncoderConfig(ModelConfig):
     dropout: float = 0.1
     pos_conv_kernel: int = 128
     pos_conv_groups: int = 16
+    # A LayerNorm after adding the position convolution (before the pre-norm blocks). Off, the
+    # encoder is transformers' Wav2Vec2/Hubert "stable layer norm" layout exactly (`pretrain export`).
+    input_norm: bool = True
     pool: str = "mean"  # features for probes and load_backbone: the mean over valid frames
 
 
@@ -160,7 +163,7 @@ class AudioEncoder(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.mask_embedding = nn.Parameter(torch.empty(cfg.dim).uniform_())
         self.position = PositionalConv(cfg.dim, cfg.pos_conv_kernel, cfg.pos_conv_groups)
-        self.input_norm = nn.LayerNorm(cfg.dim)
+        self.input_norm = nn.LayerNorm(cfg.dim) if cfg.input_norm else nn.Identity()
         self.blocks = nn.ModuleList(TransformerBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.dropout, causal=False)
                                     for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)

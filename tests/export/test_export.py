@@ -254,7 +254,7 @@ def test_onnx_takes_what_transformers_cannot_yet_mlm_and_a_speech_encoder(tmp_pa
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     from framework.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="objective.name=wav2vec2: no transformers export"):
+    with pytest.raises(ConfigError, match="model.input_norm=true"):
         export(speech, "hf", tmp_path / "speech-hf")
 
 
@@ -281,3 +281,30 @@ def test_mlm_exports_to_a_remote_code_masked_lm_with_our_logits(tmp_path, text_c
         out = model(input_ids=tokens, attention_mask=valid.long(), labels=labels)
     torch.testing.assert_close(out.logits[valid], expected[valid], rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     torch.testing.assert_close(out.loss, masked_token_loss(expected, labels), rtol=1e-5, atol=1e-6)
+
+
+SPEECH = ["model.dim=16", "model.depth=2", "model.heads=2", "model.pos_conv_kernel=8", "model.pos_conv_groups=2",
+          "model.input_norm=false"]
+
+
+@pytest.mark.parametrize("objective,conv_mode", [("wav2vec2", "group_norm"), ("hubert", "layer_norm")])
+def test_speech_exports_to_wav2vec2_and_hubert_models_with_our_frames(tmp_path, objective, conv_mode):
+    from framework.export.export import read_objective
+    from framework.export.onnx import _AudioFrames
+
+    extra = ["objective.codebook_entries=8", "objective.final_dim=16"] if objective == "wav2vec2" else ["objective.clusters=5"]
+    checkpoint = _crafted_vision(tmp_path / f"{objective}.ckpt", *SPEECH, f"model.conv_mode={conv_mode}",
+                                 "model.conv_layers=[[16,10,5],[16,8,8]]", *extra, experiment=f"{objective}-digits")
+    run_cli(["export", "--checkpoint", str(checkpoint), "--format", "hf", "--output", str(tmp_path / "hf")])
+    model = transformers.AutoModel.from_pretrained(str(tmp_path / "hf")).eval()
+    assert type(model).__name__ == {"wav2vec2": "Wav2Vec2Model", "hubert": "HubertModel"}[objective]
+    extractor = transformers.AutoFeatureExtractor.from_pretrained(str(tmp_path / "hf"))
+    ours = read_objective(checkpoint)[0]
+    assert extractor.sampling_rate == ours.cfg.data.sample_rate
+    wave = torch.randn(2, 4000, generator=torch.Generator().manual_seed(6)) * 0.1
+    inputs = torch.from_numpy(extractor(list(wave.numpy()), sampling_rate=extractor.sampling_rate, return_tensors="np")["input_values"])
+    normalised = (wave - wave.mean(1, keepdim=True)) / wave.std(1, unbiased=False, keepdim=True)
+    torch.testing.assert_close(inputs, normalised, rtol=1e-4, atol=1e-4)  # what our loader does to a clip
+    with torch.no_grad():
+        expected = _AudioFrames(ours.export_backbone().eval())(normalised)
+        torch.testing.assert_close(model(inputs).last_hidden_state, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
