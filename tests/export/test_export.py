@@ -185,6 +185,18 @@ def _crafted_vision(path, *overrides, experiment="simclr-digits"):
     return path
 
 
+def test_grid_pooling_is_refused_for_transformers_and_exported_to_onnx(tmp_path):
+    from framework.errors import ConfigError
+    from framework.export.export import export
+
+    checkpoint = _crafted_vision(tmp_path / "grid.ckpt", "model.patch_size=2", "model.dim=16", "model.depth=1",
+                                 "model.heads=2", "model.pool=grid", experiment="mae-digits")
+    with pytest.raises(ConfigError, match="model.pool=grid"):
+        export(checkpoint, "hf", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    export(checkpoint, "onnx", tmp_path / "onnx")  # its features, checked against ours inside
+
+
 @pytest.mark.parametrize("pool", ["mean", "cls"])
 def test_vit_exports_to_vit_model_with_our_tokens_and_features(tmp_path, pool):
     from framework.evaluate.backbone import load_backbone

@@ -90,8 +90,11 @@ def test_secrets_in_the_environment_are_written_nowhere(text_corpus, tmp_path):
     assert slurm.returncode == 0, slurm.stderr[-2000:]
     checkpoint = next((run / "checkpoints").glob("*.ckpt"))
     assert cli("consolidate", str(checkpoint), str(tmp_path / "weights.safetensors"), env=secrets).returncode == 0
+    exported = cli("export", "--checkpoint", str(run), "--format", "hf", "--output", str(tmp_path / "hf"), env=secrets)
+    assert exported.returncode == 0, exported.stderr[-2000:]
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.suffix == ".wandb" for p in written) and any(p.name.endswith(".sbatch") or "sbatch" in p.name for p in written)
+    assert {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
     for path in written:
         content = path.read_bytes()
         for name, value in secrets.items():
