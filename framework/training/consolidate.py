@@ -103,8 +103,8 @@ def load_consolidated(path: str | Path) -> Tuple[Dict[str, torch.Tensor], Dict[s
 
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
-    if metadata.get("format") != FORMAT:
-        raise ConfigError(f"{path}: not a file written by `pretrain consolidate`")
+    if FORMAT not in (metadata.get("format"), metadata.get("framework_format")):  # `pretrain export --format safetensors` keeps "pt"
+        raise ConfigError(f"{path}: not a file written by `pretrain consolidate` or `pretrain export --format safetensors`")
     return load_file(str(path)), json.loads(metadata.get("hyper_parameters", "{}"))
 
 

@@ -239,6 +239,10 @@ def test_resnet_exports_to_resnet_model_and_the_cifar_stem_is_refused(tmp_path):
             torch.testing.assert_close(out.pooler_output.flatten(1), backbone(images), rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(out.last_hidden_state, backbone.feature_map(images), rtol=1e-4, atol=1e-4)
     cifar = _crafted_vision(tmp_path / "cifar.ckpt")  # resnet-tiny: the CIFAR stem
+    export(cifar, "safetensors", tmp_path / "cifar-weights")  # what remains for it: safetensors + load_backbone
+    images = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(load_backbone(tmp_path / "cifar-weights/model.safetensors")(images), load_backbone(cifar)(images))
     with pytest.raises(ConfigError, match="model.stem=cifar"):
         export(cifar, "hf", tmp_path / "cifar")
     export(cifar, "onnx", tmp_path / "cifar-onnx")  # ONNX takes it, checked against ours inside
