@@ -16,6 +16,7 @@ from framework.distributed import describe_strategy, is_sharded, on_cpu, prepare
 from framework.errors import ConfigError
 from framework.objectives import objective_module
 from framework.training.callbacks.data_counters import DataCounters
+from framework.training.callbacks.final_row import FinalStepRow
 from framework.training.callbacks.preemption import Preemption
 from framework.training.callbacks.progress import ProgressDisplay
 from framework.training.callbacks.throughput import Throughput
@@ -102,7 +103,7 @@ def build_trainer(cfg: RunConfig, extra_callbacks: List[Callback] = (), accumula
     )
     # Checkpointing after the callbacks that log in on_train_batch_end: their metrics are in the
     # row it writes before committing a checkpoint.
-    callbacks: List[Callback] = [Throughput(peak_flops=t.peak_flops), DataCounters(), *extra_callbacks, checkpoints]
+    callbacks: List[Callback] = [Throughput(peak_flops=t.peak_flops), DataCounters(), *extra_callbacks, FinalStepRow(), checkpoints]
     callbacks.append(Preemption(run_dir))  # SIGUSR1/SIGTERM: checkpoint at the next step, requeue under Slurm
     if cfg.logging.progress:
         callbacks.append(ProgressDisplay(every=max(t.log_every_steps, 1)))

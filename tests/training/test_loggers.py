@@ -35,3 +35,19 @@ def test_ranks_starting_together_read_one_complete_id(tmp_path):
     assert len({next(iter(seen)) for seen in ids.values()}) == ROUNDS, "each run has an id of its own"
     for round_ in range(ROUNDS):  # nothing left behind but the id file
         assert [p.name for p in (tmp_path / f"run{round_}").iterdir()] == [WANDB_ID_FILE]
+
+
+def test_the_last_step_has_its_row_whatever_log_every_steps_is(text_corpus, tmp_path):
+    """log_every_steps=2: a run to step 5, then resumed to 7, logs its loss at 2, 4, 5, 6, 7."""
+    from run_helpers import REPO, metric_rows, run_cli
+
+    run_dir = tmp_path / "run"
+    common = ["fit", "--config", str(REPO / "configs/experiments/gpt-tiny.yaml"), f"data.train={text_corpus['train']}",
+              f"data.val={text_corpus['val']}", f"data.tokenizer={text_corpus['tokenizer']}", "data.seq_len=32",
+              "data.batch_size=4", "data.num_workers=0", "model.dim=32", "model.depth=1", "model.heads=2", "trainer.devices=1",
+              "trainer.log_every_steps=2", "trainer.val_every_steps=100", "trainer.checkpoint_every_steps=100",
+              "logging.wandb=disabled", f"run.dir={run_dir}"]
+    run_cli([*common, "trainer.max_steps=5"])
+    assert [r["step"] for r in metric_rows(run_dir) if "train/loss" in r] == [2, 4, 5]
+    run_cli([*common, "trainer.max_steps=7"])
+    assert [r["step"] for r in metric_rows(run_dir) if "train/loss" in r] == [2, 4, 5, 6, 7]
