@@ -9,12 +9,12 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: install system-deps demo demo-bert test clean
 
-# Debian packages the tests use (espeak-ng speaks real audio for the audio writer's test; the
-# Slurm tests install their own packages through slurm/local-cluster.sh). Only as root with
-# apt; elsewhere those tests skip and say why.
+# Debian packages the tests use (espeak-ng speaks real audio for the audio writer's test,
+# chromium opens `pretrain report`'s page headless; the Slurm tests install their own packages
+# through slurm/local-cluster.sh). Only as root with apt; elsewhere those tests skip and say why.
 system-deps:
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v espeak-ng >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; fi
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { ! command -v espeak-ng >/dev/null || ! command -v chromium >/dev/null; }; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng chromium >/dev/null; fi
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -30,6 +30,18 @@ def _cmd_export(args: argparse.Namespace) -> None:
               f"  tokenizer = AutoTokenizer.from_pretrained(\"{summary['output']}\")")
 
 
+def _cmd_report(args: argparse.Namespace) -> None:
+    from framework.report.page import watch, write_report
+
+    if args.watch:
+        watch(args.runs, args.output, args.interval)
+        return
+    summary = write_report(args.runs, args.output)
+    for run, lines in summary["skipped_lines"].items():
+        print(f"warning: {run}/metrics.jsonl line(s) {', '.join(map(str, lines))} are not JSON (a row cut by a crash?): skipped")
+    print(f"wrote {args.output}: {summary['runs']} run(s), {summary['plots']} plots, {summary['bytes'] / 1e3:.0f} KB, self-contained")
+
+
 def _cmd_consolidate(args: argparse.Namespace) -> None:
     from framework.training.consolidate import consolidate
 
@@ -302,6 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     consolidate.add_argument("checkpoint", help="a step-XXXXXXXX.ckpt file or directory")
     consolidate.add_argument("output", help="the .safetensors file to write (the run config goes in its metadata)")
     consolidate.set_defaults(func=_cmd_consolidate)
+
+    report = sub.add_parser("report", help="one self-contained HTML page of one or several runs (plots, summary, config)")
+    report.add_argument("runs", nargs="+", help="run directories (config.yaml + metrics.jsonl)")
+    report.add_argument("--output", required=True, help="the .html file to write")
+    report.add_argument("--watch", action="store_true", help="re-render whenever a run's metrics change (Ctrl-C stops)")
+    report.add_argument("--interval", type=float, default=30.0, help="seconds between checks with --watch")
+    report.set_defaults(func=_cmd_report)
 
     export = sub.add_parser("export", help="a checkpoint -> Hugging Face transformers, ONNX or safetensors, with a model card")
     export.add_argument("--checkpoint", required=True, help="a checkpoint file or directory (any strategy), a run directory (its newest) or a consolidated .safetensors")

@@ -232,6 +232,8 @@ class Throughput(Callback):
         }
         if self._tokens:
             self.latest["perf/tokens_per_s"] = self._tokens * world / elapsed
+        if trainer.optimizers:  # the schedule's learning rate now (the first parameter group's)
+            self.latest["optim/lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
         if self.flops_per_sample and self.peak_flops:
             per_device = self.flops_per_sample * self._samples / elapsed  # this rank's samples
             self.latest["perf/mfu"] = per_device / self.peak_flops
