@@ -65,7 +65,12 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     warmup_steps: int = 100
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio at max_steps
+    # cosine: warmup, then cosine decay over the rest. wsd (warmup-stable-decay): warmup, constant,
+    # then a linear decay over the last decay_fraction of the steps; a checkpoint from before the
+    # decay continues (more data, longer) without re-warming. constant: warmup, then constant.
+    schedule: str = "cosine"  # cosine | wsd | constant
+    decay_fraction: float = 0.2  # wsd only
     grad_clip: float = 1.0  # max global gradient norm (over all shards); 0 disables clipping
     momentum: float = 0.9  # lars only (lamb and adamw use betas)
     trust_coefficient: float = 0.001  # lars only: eta of the layer-wise trust ratio

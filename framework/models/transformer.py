@@ -34,6 +34,8 @@ class TransformerConfig(ModelConfig):
     dropout: float = 0.0
     tie_embeddings: bool = True
     vocab_size: int = 0  # 0: taken from the tokenizer, rounded up to a multiple of 64
+    # run.init_from with another tokenizer: carry the shared tokens' rows over by string (else refused)
+    resize_vocab: bool = False
 
 
 def rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0, device=None) -> tuple[torch.Tensor, torch.Tensor]:

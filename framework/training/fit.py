@@ -163,10 +163,11 @@ def fit(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> Path:
     built_cfg, batch_line = resolve_lr(cfg)  # the objective sees the learning rate actually used
     seed_everything(cfg.run.seed, workers=True, verbose=False)
     module, datamodule = objective_module(cfg.objective.name).build(built_cfg)
+    init_note = ""
     if cfg.run.init_from:
-        from framework.training.consolidate import load_weights
+        from framework.training.continual import load_initial_weights
 
-        load_weights(module, cfg.run.init_from)
+        init_note = load_initial_weights(module, cfg)
     done = prepare_blocks(module, cfg.trainer.activation_checkpointing, cfg.trainer.compile)
     trainer = build_trainer(cfg, extra_callbacks, accumulates_itself=getattr(module, "micro_batches", 1) > 1)
     if rank_zero_only.rank == 0:
@@ -180,7 +181,7 @@ def fit(cfg: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> Path:
         f"precision {cfg.trainer.precision}; {batch_line}"
         + (f"; {cfg.optim.name}" if cfg.optim.name != "adamw" else "")
         + "".join(f"; {d}" for d in done)
-        + (f"; weights from {cfg.run.init_from}" if cfg.run.init_from else "")
+        + (f"; {init_note}" if init_note else "")
     )
     # Checkpointing saves the end state too (every rank takes part), so it is always resumable.
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)

@@ -13,6 +13,7 @@ from framework.config.schema import OptimConfig, RunConfig
 from framework.errors import ConfigError
 
 OPTIMIZERS = ("adamw", "lars", "lamb")
+SCHEDULES = ("cosine", "wsd", "constant")
 SCALE_RULES = ("none", "linear", "sqrt")
 
 
@@ -23,6 +24,10 @@ def check_optim(cfg: OptimConfig) -> None:
         raise ConfigError(f"optim.scale_rule: unknown rule {cfg.scale_rule!r} (known: {', '.join(SCALE_RULES)})")
     if cfg.reference_batch_size < 1:
         raise ConfigError(f"optim.reference_batch_size must be >= 1, not {cfg.reference_batch_size}")
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule: unknown schedule {cfg.schedule!r} (known: {', '.join(SCHEDULES)})")
+    if not 0 < cfg.decay_fraction <= 1:
+        raise ConfigError(f"optim.decay_fraction must be in (0, 1], not {cfg.decay_fraction}")
     if cfg.lr <= 0 or cfg.grad_clip < 0:
         raise ConfigError("optim.lr must be > 0 and optim.grad_clip >= 0")
 
@@ -96,6 +101,21 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def lr_multiplier(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Multiplier of the base learning rate at ``step`` under ``optim.schedule``."""
+    if cfg.schedule == "cosine":
+        return warmup_cosine(step, cfg.warmup_steps, max_steps, cfg.min_lr_ratio)
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    decay_start = max(cfg.warmup_steps, int(round(max_steps * (1 - cfg.decay_fraction))))
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
+    return 1.0 - (1.0 - cfg.min_lr_ratio) * progress
+
+
 def build_optimizer(module: nn.Module, cfg: OptimConfig, max_steps: int,
                     groups: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
     """What ``LightningModule.configure_optimizers`` returns; ``groups`` (with their own ``lr``)
@@ -109,7 +129,7 @@ def build_optimizer(module: nn.Module, cfg: OptimConfig, max_steps: int,
     else:
         optimizer = LAMB(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, max_steps, cfg.min_lr_ratio)
+        optimizer, lambda step: lr_multiplier(step, cfg, max_steps)
     )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
