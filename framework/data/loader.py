@@ -15,7 +15,7 @@ readers, each rank reading only the files it needs (``framework.data.elastic``).
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -187,23 +187,49 @@ def val_loader(
     )
 
 
+def val_set_names(val: Any) -> List[str]:
+    """The names of ``data.val``'s named sets (``{old: ..., new: ...}``: logged as ``val/old/*``,
+    ``val/new/*``), or ``[]`` for one unnamed spec."""
+    if isinstance(val, Mapping) or (hasattr(val, "keys") and not isinstance(val, (str, list))):
+        names = [str(k) for k in val.keys()]
+        bad = [n for n in names if not n or "/" in n]
+        if bad or not names:
+            raise DataError(f"data.val: set names must be non-empty and have no '/', got {names}")
+        return names
+    return []
+
+
 class ShardDataMixin:
-    """What every modality's LightningDataModule shares: its shards and this rank's place."""
+    """What every modality's LightningDataModule shares: its shards and this rank's place.
+    ``named_val_sets``: the modality's objectives log a named ``data.val`` set by set."""
+
+    named_val_sets = False
 
     def resolve_data(self, data: DataConfig) -> None:
-        """Sets ``train_shards``, ``sources`` (weighted source ranges) and ``val_shards``,
-        planned (checked, and counted in epoch mode) under ``data.on_error`` before any
-        process starts; faults are announced by rank 0 alone."""
+        """Sets ``train_shards``, ``sources`` (weighted source ranges), ``val_shards`` and, for
+        named validation sets, ``val_sets`` ({name: shards}), planned (checked, and counted in
+        epoch mode) under ``data.on_error`` before any process starts; faults are announced by
+        rank 0 alone."""
+        names = val_set_names(data.val)
+        if names and not self.named_val_sets:
+            raise DataError(f"data.val: named validation sets ({', '.join(names)}) are logged by the text objectives "
+                            "(clm, mlm) so far; give this objective one data.val spec")
         shards, ranges, weights = resolve_sources(data.train, "data.train")
         self.sources = Sources(tuple(ranges), tuple(weights))
         check_data_config(data, len(ranges))
         announce = rank_zero_only.rank == 0
+        specs = {name: data.val[name] for name in names} if names else ({"": data.val} if data.val else {})
         if announce:
             announce_commands(shards, "data.train")
-            if data.val:
-                announce_commands(resolve_shards(data.val, "data.val"), "data.val")
+            for name, spec in specs.items():
+                announce_commands(resolve_shards(spec, f"data.val.{name}" if name else "data.val"), "data.val")
         self.train_shards = check_shards(shards, data.on_error, data.mode == "epoch", "data.train", announce)
-        self.val_shards = check_shards(resolve_shards(data.val, "data.val"), data.on_error, True, "data.val", announce) if data.val else []
+        self.val_sets = {
+            name: check_shards(resolve_shards(spec, key), data.on_error, True, key, announce)
+            for name, spec in specs.items() for key in [f"data.val.{name}" if name else "data.val"]
+        }
+        self.val_shards = next(iter(self.val_sets.values())) if len(self.val_sets) == 1 else [
+            shard for shards_of_set in self.val_sets.values() for shard in shards_of_set]
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -173,7 +173,10 @@ class TokenPacker:
 
 
 class TextDataModule(ShardDataMixin, LightningDataModule):
-    """Train: an endless packed token stream per rank; val: one pass over held-out shards."""
+    """Train: an endless packed token stream per rank; val: one pass over held-out shards (per
+    named set: ``data.val: {old: ..., new: ...}``)."""
+
+    named_val_sets = True
 
     def __init__(self, data: DataConfig, seed: int, block_len: int) -> None:
         super().__init__()
@@ -192,10 +195,10 @@ class TextDataModule(ShardDataMixin, LightningDataModule):
         )
 
     def val_dataloader(self):
+        """One pass over ``data.val``; named sets give one loader each, in their order."""
         if not self.val_shards:
             return []
         rank, world = self._rank_world()
-        return val_loader(
-            self.val_shards, self.processor(), self.data,
-            seed=self.seed, rank=rank, world_size=world,
-        )
+        loaders = [val_loader(shards, self.processor(), self.data, seed=self.seed, rank=rank, world_size=world)
+                   for shards in self.val_sets.values()]
+        return loaders if len(loaders) > 1 else loaders[0]

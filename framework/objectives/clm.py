@@ -10,14 +10,12 @@ from dataclasses import dataclass
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
-from torchmetrics import MeanMetric
 
 from framework.config.load import config_from_dict, config_to_dict
 from framework.config.schema import ObjectiveConfig, RunConfig
 from framework.losses.language import next_token_loss
 from framework.models.transformer import Transformer
-from framework.objectives.text_common import text_datamodule, tokenizer_facts
-from framework.training.metrics import log_token_loss
+from framework.objectives.text_common import TokenLossValidation, text_datamodule, tokenizer_facts
 from framework.training.optim import build_optimizer
 
 default_model = "transformer"
@@ -28,25 +26,22 @@ class Config(ObjectiveConfig):
     name: str = "clm"
 
 
-class Objective(LightningModule):
+class Objective(TokenLossValidation, LightningModule):
     def __init__(self, config: dict, vocab_size: int, special_ids: dict) -> None:
         super().__init__()
         self.save_hyperparameters()  # the resolved run config travels with every checkpoint
         self.cfg: RunConfig = config_from_dict(config)
         self.model = Transformer(self.cfg.model, vocab_size, causal=True)
-        self.val_loss = MeanMetric()
+        self.init_validation()
 
     def training_step(self, tokens: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = next_token_loss(self.model.logits(self.model(tokens)), tokens)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def validation_step(self, tokens: torch.Tensor, batch_idx: int) -> None:
+    def validation_step(self, tokens: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         loss = next_token_loss(self.model.logits(self.model(tokens)), tokens)
-        self.val_loss.update(loss, weight=tokens[:, 1:].numel())
-
-    def on_validation_epoch_end(self) -> None:
-        log_token_loss(self, self.val_loss)
+        self.val_losses[dataloader_idx].update(loss, weight=tokens[:, 1:].numel())
 
     def configure_optimizers(self):
         return build_optimizer(self, self.cfg.optim, self.cfg.trainer.max_steps)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
-from torchmetrics import MeanMetric
 
 from framework.config.load import config_from_dict, config_to_dict
 from framework.config.schema import ObjectiveConfig, RunConfig
@@ -20,8 +19,7 @@ from framework.errors import ConfigError
 from framework.losses.language import IGNORE_INDEX, masked_token_loss
 from framework.models.transformer import Transformer
 from framework.modules.masking import mask_tokens
-from framework.objectives.text_common import text_datamodule, tokenizer_facts
-from framework.training.metrics import log_token_loss
+from framework.objectives.text_common import TokenLossValidation, text_datamodule, tokenizer_facts
 from framework.training.optim import build_optimizer
 
 default_model = "transformer"
@@ -35,7 +33,7 @@ class Config(ObjectiveConfig):
     replace_with_random: float = 0.1  # ... by a random token; the rest are kept
 
 
-class Objective(LightningModule):
+class Objective(TokenLossValidation, LightningModule):
     def __init__(self, config: dict, vocab_size: int, special_ids: dict) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -43,7 +41,7 @@ class Objective(LightningModule):
         self.special_ids = special_ids
         self.vocab_size = vocab_size
         self.model = Transformer(self.cfg.model, vocab_size, causal=False)
-        self.val_loss = MeanMetric()
+        self.init_validation()
 
     def _loss(self, tokens: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
         objective = self.cfg.objective
@@ -65,15 +63,12 @@ class Objective(LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def validation_step(self, tokens: torch.Tensor, batch_idx: int) -> None:
+    def validation_step(self, tokens: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         # The same masks at every validation, so validation losses are comparable.
         generator = torch.Generator(device=tokens.device).manual_seed(self.cfg.run.seed * 100_003 + batch_idx)
         loss, targets = self._loss(tokens, generator)
         if targets:
-            self.val_loss.update(loss, weight=targets)
-
-    def on_validation_epoch_end(self) -> None:
-        log_token_loss(self, self.val_loss)
+            self.val_losses[dataloader_idx].update(loss, weight=targets)
 
     def configure_optimizers(self):
         return build_optimizer(self, self.cfg.optim, self.cfg.trainer.max_steps)

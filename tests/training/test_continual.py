@@ -80,3 +80,36 @@ def test_another_tokenizer_is_refused_unless_resize_vocab_carries_the_shared_row
         assert torch.equal(new.model.embed.weight[new_vocab[token]], old.model.embed.weight[old_vocab[token]])
     for token in only_new[:20]:
         assert torch.equal(new.model.embed.weight[new_vocab[token]], fresh[new_vocab[token]])
+
+
+def test_named_validation_sets_are_logged_set_by_set(text_corpus, tmp_path):
+    from run_helpers import REPO, metric_rows, run_cli
+
+    run_dir = tmp_path / "run"
+    run_cli(["fit", "--config", str(REPO / "configs/experiments/gpt-tiny.yaml"), f"data.train={text_corpus['train']}",
+             f"data.val={{old: {text_corpus['val']}, new: {text_corpus['train']}}}", f"data.tokenizer={text_corpus['tokenizer']}",
+             "data.seq_len=32", "data.batch_size=4", "data.num_workers=0", "model.dim=32", "model.depth=1", "model.heads=2",
+             "trainer.devices=1", "trainer.max_steps=4", "trainer.val_every_steps=2", "trainer.val_batches=2",
+             "trainer.checkpoint_every_steps=4", "optim.schedule=wsd", "logging.wandb=disabled", f"run.dir={run_dir}"])
+    validated = [r for r in metric_rows(run_dir) if any(k.startswith("val/") for k in r)]
+    assert [r["step"] for r in validated] == [2, 4]
+    for row in validated:
+        assert {"val/old/loss", "val/old/ppl", "val/new/loss", "val/new/ppl"} <= set(row) and "val/loss" not in row
+        assert row["val/old/loss"] != row["val/new/loss"], "two sets, two figures"
+
+
+def test_named_validation_sets_are_refused_where_an_objective_does_not_log_them(tmp_path):
+    from framework.data.loader import ShardDataMixin, val_set_names
+    from framework.errors import DataError
+
+    assert val_set_names("some/dir") == [] and val_set_names({"old": "a", "new": "b"}) == ["old", "new"]
+    with pytest.raises(DataError, match="set names must be non-empty and have no '/'"):
+        val_set_names({"a/b": "x"})
+
+    class Images(ShardDataMixin):
+        pass
+
+    from framework.config.schema import DataConfig
+
+    with pytest.raises(DataError, match=r"named validation sets \(old, new\) are logged by the text objectives"):
+        Images().resolve_data(DataConfig(train=str(tmp_path), val={"old": "a", "new": "b"}))
