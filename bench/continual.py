@@ -76,8 +76,9 @@ def weights(run_dir: Path) -> Path:
     return out
 
 
-def held_out_ppl(weights_file: Path, shards: Path, tokenizer: Path) -> float:
-    """Perplexity over every held-out block of a domain (token-weighted, one process)."""
+def held_out_ppl(weights_file: Path, shards: Path, tokenizer: Path, blocks: int) -> float:
+    """Perplexity over the first ``blocks`` held-out blocks of a domain, in the validation order
+    (the same blocks for every model; token-weighted, one process)."""
     import torch
 
     from framework.config.schema import DataConfig
@@ -94,7 +95,9 @@ def held_out_ppl(weights_file: Path, shards: Path, tokenizer: Path) -> float:
                         seed=0, rank=0, world_size=1)
     total, tokens = 0.0, 0
     with torch.no_grad():
-        for batch in loader:
+        for index, batch in enumerate(loader):
+            if index * 8 >= blocks:
+                break
             count = batch[:, 1:].numel()
             total += float(next_token_loss(model.logits(model(batch)), batch)) * count
             tokens += count
@@ -106,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--base-steps", type=int, default=600)
     parser.add_argument("--steps", type=int, default=300, help="steps of each continued run")
     parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--eval-blocks", type=int, default=2000, help="held-out blocks per domain in the table")
     args = parser.parse_args(argv)
     from framework.demo import prepare_data
 
@@ -137,9 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
         weights(scratch)
     results[f"from scratch on the union ({args.base_steps + args.steps} steps)"] = scratch / "weights.safetensors"
 
-    table = {name: (held_out_ppl(w, old_val, tokenizer), held_out_ppl(w, new_val, tokenizer)) for name, w in results.items()}
+    table = {name: (held_out_ppl(w, old_val, tokenizer, args.eval_blocks), held_out_ppl(w, new_val, tokenizer, args.eval_blocks))
+             for name, w in results.items()}
     print(f"\nheld-out perplexity (base {args.base_steps} steps on the standard library; continued {args.steps} steps "
-          f"on /usr/share/doc prose; {args.devices} processes):")
+          f"on /usr/share/doc prose; {args.devices} processes; the first {args.eval_blocks} held-out blocks of each domain):")
     print(f"  {'model':45s} {'old (stdlib)':>13s} {'new (prose)':>12s}")
     for name, (old_ppl, new_ppl) in table.items():
         print(f"  {name:45s} {old_ppl:13.2f} {new_ppl:12.2f}")

@@ -24,8 +24,9 @@ from torch import nn
 from framework.errors import ConfigError
 
 
-def _read_checkpoint(path: Path) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
-    """(resolved run config as a dict, the objective's full state dict) from any supported format."""
+def read_checkpoint(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(the objective's full state dict, its constructor arguments ``hyper_parameters``, whose
+    ``config`` is the resolved run config) from any supported format."""
     from framework.training.consolidate import load_consolidated, read_full_weights
 
     try:
@@ -34,10 +35,15 @@ def _read_checkpoint(path: Path) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor
         raise
     except Exception as exc:  # torch.load / safetensors / DCP raise many types for unreadable files
         raise ConfigError(f"cannot read checkpoint {path}: {exc}") from None
-    config = hparams.get("config")
-    if not isinstance(config, dict):
+    if not isinstance(hparams.get("config"), dict):
         raise ConfigError(f"{path} is not a checkpoint of a framework run (no hyper_parameters.config)")
-    return config, state
+    return state, hparams
+
+
+def _read_checkpoint(path: Path) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """(resolved run config as a dict, the objective's full state dict)."""
+    state, hparams = read_checkpoint(path)
+    return hparams["config"], state
 
 
 def resolve_checkpoint(path: str | Path, key: str = "checkpoint") -> Path:

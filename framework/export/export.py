@@ -28,19 +28,11 @@ FORMATS = ("hf", "onnx", "safetensors")
 def read_objective(checkpoint: str | Path) -> Tuple[Any, Path]:
     """(the objective with its weights, in eval mode on the CPU; the checkpoint it came from)."""
     from framework.config.load import config_from_dict
-    from framework.evaluate.backbone import resolve_checkpoint
+    from framework.evaluate.backbone import read_checkpoint, resolve_checkpoint
     from framework.objectives import objective_module
-    from framework.training.consolidate import load_consolidated, read_full_weights
 
     path = resolve_checkpoint(checkpoint)
-    try:
-        state, hparams = load_consolidated(path) if path.suffix == ".safetensors" else read_full_weights(path)
-    except ConfigError:
-        raise
-    except Exception as exc:  # torch.load / safetensors / DCP raise many types for unreadable files
-        raise ConfigError(f"cannot read checkpoint {path}: {exc}") from None
-    if not isinstance(hparams.get("config"), dict):
-        raise ConfigError(f"{path} is not a checkpoint of a framework run (no hyper_parameters.config)")
+    state, hparams = read_checkpoint(path)
     cfg = config_from_dict(hparams["config"])
     with torch.random.fork_rng(devices=[]):  # building draws initial weights: keep the caller's RNG stream
         objective = objective_module(cfg.objective.name).Objective(**hparams)

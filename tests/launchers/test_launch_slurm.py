@@ -125,7 +125,8 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches(slurm_cluster, t
     stopped = preemption[0]["step"]
     assert 0 < stopped < STEPS, "the signal landed mid-run"
     assert f"resuming from step-{stopped:08d}.ckpt" in log.read_text()
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step-{stopped:08d}.ckpt", f"step-{STEPS:08d}.ckpt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) == [f"step-{stopped:08d}.ckpt", f"step-{STEPS:08d}.ckpt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.ranks")) == [f"step-{stopped:08d}.ranks", f"step-{STEPS:08d}.ranks"]
     assert metric_steps(run_dir) == list(range(1, STEPS + 1)), "the resumed run continued at the next step"
     assert_same_weights(final_weights(run_dir), reference_run["weights"])
 
