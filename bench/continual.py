@@ -5,8 +5,9 @@
    /usr/share/doc, sharded with `pretrain shards text`), from its consolidated weights
    (`run.init_from`), with a fresh optimizer whose learning rate re-warms and re-decays
    (Ibrahim et al. 2024, arXiv:2403.08763), and a replay mix of the old shards by weight
-   (`data.mode=resampled`, `data.train: [{shards: new, weight: 1-r}, {shards: old, weight: r}]`)
-   for r = 0, 5% and 25%, each for the same number of steps.
+   (`data.mode=resampled`, `data.train: [{shards: new, weight: 1-r}, {shards: old, weight: r}]`,
+   one document a draw: `data.draw_samples=1`, so the replay is spread over every batch) for
+   r = 0, 5% and 25%, each for the same number of steps.
 3. Train one model from scratch on the union for the base + continued steps.
 
 Prints one table of held-out perplexity on both domains (the same evaluation for every model:
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
         if not (run / "weights.safetensors").exists():
             train = (f"data.train=[{{shards: {new_train}, weight: {1 - replay}}}, {{shards: {old_train}, weight: {replay}}}]"
                      if replay else f"data.train=[{{shards: {new_train}, weight: 1.0}}]")
-            fit(run, args.steps, args.devices, train, "data.mode=resampled", f"run.init_from={base / 'weights.safetensors'}",
+            fit(run, args.steps, args.devices, train, "data.mode=resampled", "data.draw_samples=1",
+                f"run.init_from={base / 'weights.safetensors'}",
                 "optim.warmup_steps=30", *common)  # a fresh optimizer: re-warm, then re-decay
             weights(run)
         results[f"continued, replay {replay:.0%}"] = run / "weights.safetensors"
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not (scratch / "weights.safetensors").exists():
         sizes = [json.loads((d / "manifest.json").read_text())["total_bytes"] for d in (new_train, old_train)]
         share = sizes[0] / sum(sizes)  # the union: each domain drawn in proportion to its size
-        fit(scratch, args.base_steps + args.steps, args.devices, "data.mode=resampled",
+        fit(scratch, args.base_steps + args.steps, args.devices, "data.mode=resampled", "data.draw_samples=1",
             f"data.train=[{{shards: {new_train}, weight: {share:.4f}}}, {{shards: {old_train}, weight: {1 - share:.4f}}}]", *common)
         weights(scratch)
     results[f"from scratch on the union ({args.base_steps + args.steps} steps)"] = scratch / "weights.safetensors"

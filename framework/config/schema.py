@@ -47,6 +47,10 @@ class DataConfig:
     min_seconds: float = 0.0  # audio: shorter clips are left out and counted (data/filtered_samples)
     bucket: bool = True  # audio: batches of similar lengths, drawn from the shuffle buffer (less padding)
     mode: str = "epoch"  # epoch (every sample once per epoch) | resampled (endless weighted draws)
+    # resampled: samples per draw, a random stretch of the drawn shard (0: the whole shard). Small
+    # draws mix weighted sources finely (a replay of 5% is then 5% of every few batches, not whole
+    # shards now and then), at the cost of skipping tar headers to each stretch.
+    draw_samples: int = 0
     remainder: str = "drop"  # epoch samples beyond equal full batches per rank: drop | pad (repeat)
     on_error: str = "skip"  # a missing/bad shard or sample: skip (warn, count) | raise
     cache_dir: Optional[str] = None  # local copies of remote shards (http, s3, gs, pipe:)

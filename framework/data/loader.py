@@ -131,8 +131,8 @@ def check_data_config(data: DataConfig, train_sources: int = 1) -> None:
     for key, allowed in choices.items():
         if getattr(data, key) not in allowed:
             raise DataError(f"data.{key} must be one of {', '.join(allowed)}, not {getattr(data, key)!r}")
-    if data.batch_size < 1 or data.num_workers < 0 or data.shuffle_buffer < 0:
-        raise DataError("data.batch_size must be >= 1, data.num_workers >= 0 and data.shuffle_buffer >= 0")
+    if data.batch_size < 1 or data.num_workers < 0 or data.shuffle_buffer < 0 or data.draw_samples < 0:
+        raise DataError("data.batch_size must be >= 1, data.num_workers >= 0, data.shuffle_buffer >= 0 and data.draw_samples >= 0")
     if train_sources > 1 and data.mode != "resampled":
         raise DataError("data.train has weighted sources: they need data.mode=resampled")
 
@@ -157,7 +157,7 @@ def train_loader(
         shards, processor, seed=seed, rank=rank, world_size=world_size, batch_size=data.batch_size,
         mode=data.mode, remainder=data.remainder, endless=True, shuffle_buffer=data.shuffle_buffer,
         on_error=data.on_error, sources=sources, length=ENDLESS_SAMPLES, cache=shard_cache(data),
-        zero_copy=data.zero_copy, bucket=bucket,
+        zero_copy=data.zero_copy, bucket=bucket, draw_samples=data.draw_samples,
     )
     return ResumableLoader(
         stream, batch_size=data.batch_size, num_workers=data.num_workers, collate_fn=collate_fn or collate_arrays,

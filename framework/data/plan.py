@@ -135,11 +135,19 @@ class Sources:
     weights: Tuple[float, ...] = field(default=())
 
 
-def resampled_draw(sources: Sources, counts: Sequence[Optional[int]], seed: int, rank: int, worker: int, draw: int) -> Segment:
-    """Draw number ``draw`` of a reader: a whole shard, picked by source weight."""
+def resampled_draw(sources: Sources, counts: Sequence[Optional[int]], seed: int, rank: int, worker: int, draw: int,
+                   draw_samples: int = 0) -> Segment:
+    """Draw number ``draw`` of a reader: a shard picked by source weight, whole, or a random
+    stretch of ``draw_samples`` of it (shards with counts)."""
     rng = np.random.default_rng([seed, rank, worker, draw, 0x5EED])
     weights = np.asarray(sources.weights, dtype=np.float64)
     source = int(rng.choice(len(weights), p=weights / weights.sum()))
     first, last = sources.shard_ranges[source]
     shard = int(rng.integers(first, last))
-    return Segment(shard, 0, counts[shard] if counts[shard] is not None else 1 << 62)
+    count = counts[shard]
+    if count is None:
+        return Segment(shard, 0, 1 << 62)
+    if 0 < draw_samples < count:
+        start = int(rng.integers(0, count - draw_samples + 1))
+        return Segment(shard, start, start + draw_samples)
+    return Segment(shard, 0, count)

@@ -157,6 +157,7 @@ class ShardStream(IterableDataset):
         cache: Optional[ShardCache] = None,
         zero_copy: bool = False,
         bucket: Optional[Callable[[Sample], float]] = None,
+        draw_samples: int = 0,
     ) -> None:
         """``bucket`` (one-item-per-sample processors, a shuffle buffer of at least a batch):
         a raw sample's length (an audio clip's duration); each batch is then drawn from the
@@ -183,6 +184,7 @@ class ShardStream(IterableDataset):
         if bucket is not None and not (processor.one_to_one and shuffle_buffer >= batch_size > 1):
             raise DataError("length bucketing needs a one-item-per-sample processor and data.shuffle_buffer >= data.batch_size > 1")
         self.bucket = bucket
+        self.draw_samples = draw_samples  # resampled mode: samples per draw (0: whole shards)
         self.elastic: Optional[Dict[str, Any]] = None  # set by the loader on a resume at another world size
         self._state: Dict[str, Any] = dict.fromkeys(_POSITION_KEYS, 0)
         self._counters: Dict[str, int] = dict.fromkeys(COUNTERS, 0)
@@ -232,7 +234,8 @@ class ShardStream(IterableDataset):
     def fingerprint(self, num_workers: int) -> Dict[str, Any]:
         """What a saved position is relative to: resuming needs the same values."""
         return {"world_size": self.world_size, "num_workers": num_workers, "batch_size": self.batch_size,
-                "mode": self.mode, "remainder": self.remainder, "seed": self.seed, "num_shards": len(self.shards)}
+                "mode": self.mode, "remainder": self.remainder, "seed": self.seed, "num_shards": len(self.shards),
+                **({"draw_samples": self.draw_samples} if self.draw_samples else {})}
 
     # -- resumable state --------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -358,7 +361,7 @@ class ShardStream(IterableDataset):
         state = self._state
         barren = 0  # draws in a row that gave nothing: all-bad data must not spin forever
         while True:
-            segment = resampled_draw(self.sources, self.counts, self.seed, self.rank, worker, state["draw"])
+            segment = resampled_draw(self.sources, self.counts, self.seed, self.rank, worker, state["draw"], self.draw_samples)
             yielded = state["yielded"]
             yield from self._read_segment(segment)
             state.update(draw=state["draw"] + 1, consumed=0, offset=0)

@@ -297,6 +297,32 @@ def test_resampled_mode_follows_weights_and_is_deterministic(tmp_path):
     assert 0.62 < share < 0.78
 
 
+def test_small_draws_mix_sources_finely_and_resume_exactly(tmp_path):
+    """data.draw_samples=3: every draw is a random stretch of 3 samples of a shard, so a 10%
+    source shows up in every few dozen items (not a whole shard now and then); exact resume."""
+    web = write_shards(tmp_path, [40] * 4, prefix="web")
+    code = write_shards(tmp_path, [40] * 4, prefix="code")
+    sources = Sources(((0, 4), (4, 8)), (0.9, 0.1))
+
+    def stream():
+        return stream_of(web + code, mode="resampled", sources=sources, shuffle_buffer=4, draw_samples=3)
+
+    items = list(itertools.islice(stream().reader_items(0, 1), 3000))
+    share = sum(x.startswith("code") for x in items) / len(items)
+    assert 0.06 < share < 0.14
+    gaps = [i for i, x in enumerate(items) if x.startswith("code")]
+    assert max(b - a for a, b in zip(gaps, gaps[1:])) < 150, "the small source is never absent for long"
+    whole = list(itertools.islice(stream_of(web + code, mode="resampled", sources=sources, shuffle_buffer=4).reader_items(0, 1), 3000))
+    longest = max(len(list(run)) for _, run in itertools.groupby(x.startswith("code") for x in whole))
+    assert longest >= 30, "whole-shard draws come in runs of a shard"
+    first = stream()
+    head = first.reader_items(0, 1)
+    seen = [next(head) for _ in range(101)]
+    resumed = stream()
+    resumed.load_state_dict(first.state_dict())
+    assert seen + list(itertools.islice(resumed.reader_items(0, 1), 200)) == items[:301]
+
+
 def test_weighted_sources_in_config_need_resampled_mode(tmp_path):
     from framework.config.schema import DataConfig
     from framework.data.loader import check_data_config
