@@ -97,7 +97,6 @@ def load_backbone(checkpoint_path: str | Path) -> nn.Module:
     lengths) -> (B, dim), the mean of its frames; ``encode``/``contextualize`` give the frames."""
     from framework.config.load import config_from_dict
     from framework.objectives import objective_module
-    from framework.objectives.vision_common import build_backbone
 
     path = resolve_checkpoint(checkpoint_path)
     config, state = _read_checkpoint(path)
@@ -118,10 +117,18 @@ def load_backbone(checkpoint_path: str | Path) -> nn.Module:
     if hasattr(exported, "contextualize"):  # a speech encoder: (waveform, lengths) -> pooled features
         exported.sample_rate = cfg.data.sample_rate  # what its input must be resampled to
         return exported.eval()
-    with torch.random.fork_rng(devices=[]):
-        backbone = build_backbone(cfg)
-    backbone.load_state_dict(exported.state_dict())
-    backbone.image_size = cfg.data.image_size  # the resolution it was pretrained at (features hold best there)
+    return image_backbone(objective)
+
+
+def image_backbone(objective: Any) -> nn.Module:
+    """A vision objective's exported backbone copied into a fresh ``framework.models`` backbone
+    (plain BatchNorm, no heads), eval mode, with the ``image_size`` it was pretrained at."""
+    from framework.objectives.vision_common import build_backbone
+
+    with torch.random.fork_rng(devices=[]):  # building draws initial weights: keep the caller's RNG stream
+        backbone = build_backbone(objective.cfg)
+    backbone.load_state_dict(objective.export_backbone().state_dict())
+    backbone.image_size = objective.cfg.data.image_size  # the resolution it was pretrained at (features hold best there)
     return backbone.eval()
 
 

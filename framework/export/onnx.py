@@ -63,14 +63,12 @@ def servable(objective: Any) -> Tuple[nn.Module, List[Tuple[torch.Tensor, ...]],
             "input_names": ["waveforms"], "output_names": ["frames"], "dims": {"waveforms": {0: "batch", 1: "samples"}},
         }
     if hasattr(objective, "export_backbone"):
-        from framework.objectives.vision_common import build_backbone
+        from framework.evaluate.backbone import image_backbone
 
-        with torch.random.fork_rng(devices=[]):
-            backbone = build_backbone(cfg)
-        backbone.load_state_dict(objective.export_backbone().state_dict())
+        backbone = image_backbone(objective)
         size, channels = cfg.data.image_size, cfg.data.channels
         inputs = [(torch.rand(b, channels, size, size, generator=generator),) for b in (2, 3)]
-        return backbone.eval(), inputs, {
+        return backbone, inputs, {
             "input_names": ["images"], "output_names": ["features"], "dims": {"images": {0: "batch"}},
         }
     raise ConfigError(f"objective.name={cfg.objective.name}: no model to export to ONNX")

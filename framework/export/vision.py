@@ -139,13 +139,11 @@ def save_image_processor(cfg: Any, directory: Path) -> None:
 def export_backbone_hf(objective: Any, directory: Path) -> Dict[str, Any]:
     import transformers
 
-    from framework.objectives.vision_common import build_backbone
+    from framework.evaluate.backbone import image_backbone
 
     cfg = objective.cfg
     architecture = check_backbone(cfg)
-    with torch.random.fork_rng(devices=[]):
-        backbone = build_backbone(cfg)
-    backbone.load_state_dict(objective.export_backbone().state_dict())
+    backbone = image_backbone(objective)
     config, weights = (_vit if architecture == "ViTModel" else _resnet)(backbone, cfg)
     with torch.random.fork_rng(devices=[]):
         model = getattr(transformers, architecture)(config)
