@@ -15,6 +15,7 @@ from librosa), computed at the encoder's frame rate so targets and frames line u
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -70,6 +71,7 @@ class TargetIndex:
             raise ConfigError(f"objective.targets: {self.directory} holds no {META_NAME}; write targets with "
                               f"`pretrain audio targets --shards ... --output {self.directory}`")
         self.meta: Dict[str, Any] = json.loads(meta_path.read_text())
+        self._shards = {_normal(url) for url in self.meta.get("shards", [])}
         self._index: Optional[Dict[str, List[int]]] = None
         self._targets: Optional[np.ndarray] = None
 
@@ -86,6 +88,11 @@ class TargetIndex:
                 f"objective.targets: {self.directory} was computed for {self.meta['sample_rate']} Hz and conv layers "
                 f"{theirs}; this run has data.sample_rate={sample_rate} and model.conv_layers={ours}: its frames would "
                 "not line up with the targets. Recompute them with this run's config.")
+
+    def covers(self, shard: str) -> bool:
+        """Whether the targets were written for ``shard`` (sample keys are unique only within
+        the shards the targets were computed from: another set's clip may share a key)."""
+        return _normal(shard) in self._shards
 
     def _open(self) -> None:
         self._index = json.loads((self.directory / INDEX_NAME).read_text())
@@ -105,6 +112,10 @@ class TargetIndex:
 
     def __getstate__(self) -> Dict[str, Any]:  # workers reopen the memory map
         return {**self.__dict__, "_index": None, "_targets": None}
+
+
+def _normal(url: str) -> str:
+    return url if "://" in url or url.startswith("pipe:") else os.path.realpath(url)
 
 
 def target_quality(targets: np.ndarray, labels: np.ndarray, clusters: int) -> Dict[str, float]:

@@ -164,13 +164,11 @@ class ImageDataModule(ShardDataMixin, LightningDataModule):
         )
 
     def val_dataloader(self):
-        if not self.val_shards:
-            return []
         rank, world = self._rank_world()
-        return val_loader(
-            self.val_shards, ImageDecoder(self.data.image_size, self.data.channels, with_labels=True), self.data,
+        return self.val_loaders(lambda shards: val_loader(
+            shards, ImageDecoder(self.data.image_size, self.data.channels, with_labels=True), self.data,
             seed=self.seed, rank=rank, world_size=world, collate_fn=collate_labelled,
-        )
+        ))
 
 
 def resolve_image_facts(data: DataConfig) -> None:

@@ -95,9 +95,7 @@ class LabelledDataModule(ShardDataMixin, LightningDataModule):
                             collate_fn=collate, sources=self.sources)
 
     def val_dataloader(self):
-        if not self.val_shards:
-            return []
         rank, world = self._rank_world()
         processor, collate = labelled_processor(self.modality, self.data, self.seed, False, self.conv_layers, self.pad_id)
-        return val_loader(self.val_shards, processor, self.data, seed=self.seed, rank=rank, world_size=world,
-                          collate_fn=collate)
+        return self.val_loaders(lambda shards: val_loader(shards, processor, self.data, seed=self.seed, rank=rank,
+                                                          world_size=world, collate_fn=collate))

@@ -200,10 +200,8 @@ def val_set_names(val: Any) -> List[str]:
 
 
 class ShardDataMixin:
-    """What every modality's LightningDataModule shares: its shards and this rank's place.
-    ``named_val_sets``: the modality's objectives log a named ``data.val`` set by set."""
-
-    named_val_sets = False
+    """What every modality's LightningDataModule shares: its shards, this rank's place and
+    one validation loader per named ``data.val`` set."""
 
     def resolve_data(self, data: DataConfig) -> None:
         """Sets ``train_shards``, ``sources`` (weighted source ranges), ``val_shards`` and, for
@@ -211,9 +209,6 @@ class ShardDataMixin:
         epoch mode) under ``data.on_error`` before any process starts; faults are announced by
         rank 0 alone."""
         names = val_set_names(data.val)
-        if names and not self.named_val_sets:
-            raise DataError(f"data.val: named validation sets ({', '.join(names)}) are logged by the text objectives "
-                            "(clm, mlm) so far; give this objective one data.val spec")
         shards, ranges, weights = resolve_sources(data.train, "data.train")
         self.sources = Sources(tuple(ranges), tuple(weights))
         check_data_config(data, len(ranges))
@@ -230,6 +225,14 @@ class ShardDataMixin:
         }
         self.val_shards = next(iter(self.val_sets.values())) if len(self.val_sets) == 1 else [
             shard for shards_of_set in self.val_sets.values() for shard in shards_of_set]
+
+    def val_loaders(self, make: Callable[[List[Any]], DataLoader]) -> Any:
+        """``make(shards)`` for each validation set: one loader, a list for named sets (the
+        objective's ``dataloader_idx`` follows their order), or ``[]`` without ``data.val``."""
+        if not self.val_shards:
+            return []
+        loaders = [make(shards) for shards in self.val_sets.values()]
+        return loaders if len(loaders) > 1 else loaders[0]
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -131,10 +131,8 @@ class PairsDataModule(ShardDataMixin, LightningDataModule):
         )
 
     def val_dataloader(self):
-        if not self.val_shards:
-            return []
         rank, world = self._rank_world()
-        return val_loader(
-            self.val_shards, self.processor(with_labels=True), self.data,
+        return self.val_loaders(lambda shards: val_loader(
+            shards, self.processor(with_labels=True), self.data,
             seed=self.seed, rank=rank, world_size=world, collate_fn=collate_pairs,
-        )
+        ))

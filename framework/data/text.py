@@ -176,8 +176,6 @@ class TextDataModule(ShardDataMixin, LightningDataModule):
     """Train: an endless packed token stream per rank; val: one pass over held-out shards (per
     named set: ``data.val: {old: ..., new: ...}``)."""
 
-    named_val_sets = True
-
     def __init__(self, data: DataConfig, seed: int, block_len: int) -> None:
         super().__init__()
         self.data, self.seed, self.block_len = data, seed, block_len
@@ -196,9 +194,6 @@ class TextDataModule(ShardDataMixin, LightningDataModule):
 
     def val_dataloader(self):
         """One pass over ``data.val``; named sets give one loader each, in their order."""
-        if not self.val_shards:
-            return []
         rank, world = self._rank_world()
-        loaders = [val_loader(shards, self.processor(), self.data, seed=self.seed, rank=rank, world_size=world)
-                   for shards in self.val_sets.values()]
-        return loaders if len(loaders) > 1 else loaders[0]
+        return self.val_loaders(lambda shards: val_loader(shards, self.processor(), self.data, seed=self.seed,
+                                                          rank=rank, world_size=world))

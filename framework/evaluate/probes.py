@@ -113,19 +113,18 @@ class OnlineProbes(Callback):
 
     def __init__(self, probe: Any) -> None:
         self.probe = probe
-        self._features: List[torch.Tensor] = []
-        self._labels: List[torch.Tensor] = []
-        self._ids: List[torch.Tensor] = []
+        # (features, labels, ids) per validation set (``dataloader_idx``): named sets are probed apart
+        self._sets: Dict[int, tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]] = {}
         self._warned = False
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._features, self._labels, self._ids = [], [], []
+        self._sets = {}
 
     def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.collect(pl_module, batch)
+        self.collect(pl_module, batch, dataloader_idx)
 
-    def collect(self, pl_module: LightningModule, batch: Any) -> None:
+    def collect(self, pl_module: LightningModule, batch: Any, dataloader_idx: int = 0) -> None:
         if not isinstance(batch, dict) or "label" not in batch:
             return
         from framework.augment import to_float_images
@@ -133,15 +132,18 @@ class OnlineProbes(Callback):
         probe = getattr(pl_module, "probe_features", None)  # non-image objectives (audio) say what to embed
         with torch.no_grad():
             features = probe(batch) if probe is not None else pl_module.features(to_float_images(batch["image"]))
+        features_of_set, labels, ids = self._sets.setdefault(dataloader_idx, ([], [], []))
         # .clone(): validation runs under inference_mode, whose tensors cannot enter autograd later.
-        self._features.append(features.detach().float().clone())
-        self._labels.append(batch["label"].clone())
-        self._ids.append(batch["id"].clone())
+        features_of_set.append(features.detach().float().clone())
+        labels.append(batch["label"].clone())
+        ids.append(batch["id"].clone())
 
-    def compute(self, device: torch.device) -> Dict[str, float]:
-        """Gather (all ranks take part) and score; empty when there is nothing labelled."""
-        if self._features:
-            local_x, local_y, local_id = torch.cat(self._features), torch.cat(self._labels), torch.cat(self._ids)
+    def compute(self, device: torch.device, dataloader_idx: int = 0, prefix: str = "probe") -> Dict[str, float]:
+        """Gather set ``dataloader_idx`` (all ranks take part) and score it as ``<prefix>/knn_acc``,
+        ``<prefix>/linear_acc``; empty when there is nothing labelled."""
+        features, labels, ids = self._sets.get(dataloader_idx, ([], [], []))
+        if features:
+            local_x, local_y, local_id = torch.cat(features), torch.cat(labels), torch.cat(ids)
         else:
             local_x = torch.zeros(0, 1, device=device)
             local_y = local_id = torch.zeros(0, dtype=torch.long, device=device)
@@ -157,26 +159,30 @@ class OnlineProbes(Callback):
         fit = split_by_id(ids, self.probe.train_fraction)
         if fit.sum() < 2 or (~fit).sum() < 1 or y[fit].unique().numel() < 2:
             if not self._warned:
-                log.warning("online probes skipped: the validation shards give %d labelled samples "
-                            "(need labels in 'cls' members and at least 2 classes)", int(labelled.sum()))
+                log.warning("online probes skipped (%s): the validation shards give %d labelled samples "
+                            "(need labels in 'cls' members and at least 2 classes)", prefix, int(labelled.sum()))
                 self._warned = True
             return {}
         results: Dict[str, float] = {}
         with torch.inference_mode(False):
             x, y = x.clone(), y.clone()
             if self.probe.knn:
-                results["probe/knn_acc"] = knn_accuracy(x[fit], y[fit], x[~fit], y[~fit], self.probe.knn_k,
-                                                        self.probe.knn_temperature)
+                results[f"{prefix}/knn_acc"] = knn_accuracy(x[fit], y[fit], x[~fit], y[~fit], self.probe.knn_k,
+                                                            self.probe.knn_temperature)
             if self.probe.linear:
-                results["probe/linear_acc"] = linear_probe_accuracy(x[fit], y[fit], x[~fit], y[~fit],
-                                                                    self.probe.linear_steps, self.probe.linear_lr)
+                results[f"{prefix}/linear_acc"] = linear_probe_accuracy(x[fit], y[fit], x[~fit], y[~fit],
+                                                                        self.probe.linear_steps, self.probe.linear_lr)
         return results
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        results = self.compute(pl_module.device)
-        self._features, self._labels, self._ids = [], [], []
+        # Every rank walks every set (its own may be empty): the gathers inside must pair up.
+        names = getattr(pl_module, "val_names", [""])
+        results: Dict[str, float] = {}
+        for index, name in enumerate(names):
+            results.update(self.compute(pl_module.device, index, f"probe/{name}" if name else "probe"))
+        self._sets = {}
         for name, value in results.items():
             pl_module.log(name, value, rank_zero_only=True)
         if results and trainer.is_global_zero:

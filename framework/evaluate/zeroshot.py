@@ -83,10 +83,8 @@ class ClipEvaluation(Callback):
         self._reset()
 
     def _reset(self) -> None:
-        self._images: List[torch.Tensor] = []
-        self._texts: List[torch.Tensor] = []
-        self._captions: List[torch.Tensor] = []
-        self._labels: List[torch.Tensor] = []
+        # (images, texts, captions, labels) per validation set (``dataloader_idx``)
+        self._sets: Dict[int, tuple[List[torch.Tensor], ...]] = {}
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reset()
@@ -95,36 +93,45 @@ class ClipEvaluation(Callback):
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         if not isinstance(outputs, dict) or "image" not in outputs:
             return
-        self._images.append(outputs["image"].detach().float().clone())
-        self._texts.append(outputs["text"].detach().float().clone())
-        self._captions.append(caption_ids(batch["tokens"]))
-        self._labels.append(batch["label"].clone())
+        images, texts, captions, labels = self._sets.setdefault(dataloader_idx, ([], [], [], []))
+        images.append(outputs["image"].detach().float().clone())
+        texts.append(outputs["text"].detach().float().clone())
+        captions.append(caption_ids(batch["tokens"]))
+        labels.append(batch["label"].clone())
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        # Every rank walks every set (its own may be empty): the gathers inside must pair up.
+        results: Dict[str, float] = {}
+        for index, name in enumerate(getattr(pl_module, "val_names", [""])):
+            results.update(self.score(pl_module, index, f"probe/{name}" if name else "probe"))
+        self._reset()
+        for name, value in results.items():
+            pl_module.log(name, value, rank_zero_only=True)
+        if results and trainer.is_global_zero:
+            print(f"step {trainer.global_step}  " + "  ".join(f"{k.removeprefix('probe/')} {v:.4f}" for k, v in results.items()),
+                  flush=True)
+
+    def score(self, pl_module: LightningModule, dataloader_idx: int, prefix: str) -> Dict[str, float]:
+        """Retrieval recall and zero-shot accuracy of one validation set, gathered from all ranks."""
         device = pl_module.device
         width = pl_module.cfg.objective.embed_dim
         local = [torch.cat(parts) if parts else torch.zeros((0, width) if i < 2 else 0, device=device,
                                                               dtype=torch.float if i < 2 else torch.long)
-                 for i, parts in enumerate((self._images, self._texts, self._captions, self._labels))]
+                 for i, parts in enumerate(self._sets.get(dataloader_idx, ([], [], [], [])))]
         images, texts, captions, labels = (gather_uneven(x.to(device)) for x in local)
-        self._reset()
         results: Dict[str, float] = {}
         if self.retrieval and images.shape[0] > 1:
-            results.update({f"probe/retrieval_{k}": v for k, v in retrieval_recall(images, texts, captions).items()})
+            results.update({f"{prefix}/retrieval_{k}": v for k, v in retrieval_recall(images, texts, captions).items()})
         labelled = labels >= 0
         if self.classes and labelled.any():
             with torch.no_grad():
                 classes = class_embeddings(lambda prompts: pl_module.encode_text(*_encode(pl_module, prompts)),
                                            self.classes, self.templates)
             top = zeroshot_accuracy(images[labelled], labels[labelled], classes)
-            results.update({f"probe/zeroshot_top{k}": v for k, v in top.items()})
-        for name, value in results.items():
-            pl_module.log(name, value, rank_zero_only=True)
-        if results and trainer.is_global_zero:
-            print(f"step {trainer.global_step}  " + "  ".join(f"{k.removeprefix('probe/')} {v:.4f}" for k, v in results.items()),
-                  flush=True)
+            results.update({f"{prefix}/zeroshot_top{k}": v for k, v in top.items()})
+        return results
 
 
 def _encode(pl_module: LightningModule, prompts: List[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule, LightningModule
 from torch import nn
-from torchmetrics import MeanMetric
 
 from framework.augment import ViewAugment, ViewConfig, to_float_images
 from framework.config.load import config_from_dict, config_to_dict
@@ -49,9 +48,10 @@ from framework.modules.codebook import PatchCodebook
 from framework.modules.patches import block_masking, patchify
 from framework.objectives.vision_common import (
     VisionObjectiveHooks,
-    ProbeConfig, batch_rng, build_backbone, check_patch_size, image_datamodule, log_val_loss,
+    ProbeConfig, batch_rng, build_backbone, check_patch_size, image_datamodule,
     require_vit, val_images,
 )
+from framework.training.metrics import ValidationLosses
 
 default_model = "vit"
 
@@ -76,7 +76,7 @@ class Config(ObjectiveConfig):
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
-class Objective(VisionObjectiveHooks, LightningModule):
+class Objective(ValidationLosses, VisionObjectiveHooks, LightningModule):
     def __init__(self, config: dict) -> None:
         super().__init__()
         self.save_hyperparameters()  # the resolved run config travels with every checkpoint
@@ -104,7 +104,7 @@ class Objective(VisionObjectiveHooks, LightningModule):
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
         self.augment = ViewAugment(o.view, data.channels, data.image_size, "objective.view")
-        self.val_loss = MeanMetric()
+        self.init_validation()
 
     def views(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [self.augment(images)]
@@ -150,12 +150,10 @@ class Objective(VisionObjectiveHooks, LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         with batch_rng(self, batch_idx, "val"):
-            self.val_loss.update(self.loss(self.views(to_float_images(val_images(batch))), gather=False))
+            self.record_val_loss(self.loss(self.views(to_float_images(val_images(batch))), gather=False), dataloader_idx)
 
-    def on_validation_epoch_end(self) -> None:
-        log_val_loss(self, self.val_loss)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)

@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule, LightningModule
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torchmetrics import MeanMetric
 
 from framework.augment import ViewAugment, ViewConfig, to_float_images
 from framework.config.load import config_from_dict, config_to_dict
@@ -52,8 +51,9 @@ from framework.errors import ConfigError
 from framework.losses.clip import clip_loss, siglip_loss
 from framework.models.transformer import Transformer, TransformerConfig
 from framework.objectives.vision_common import (
-    ProbeConfig, VisionObjectiveHooks, batch_rng, build_backbone, check_patch_size, count_flops, log_val_loss,
+    ProbeConfig, VisionObjectiveHooks, batch_rng, build_backbone, check_patch_size, count_flops,
 )
+from framework.training.metrics import ValidationLosses
 
 default_model = "vit"
 LOSSES = ("clip", "siglip")
@@ -149,7 +149,7 @@ def batchnorm_frozen(module: nn.Module) -> Iterator[None]:
             m.num_batches_tracked.copy_(tracked)
 
 
-class Objective(VisionObjectiveHooks, LightningModule):
+class Objective(ValidationLosses, VisionObjectiveHooks, LightningModule):
     def __init__(self, config: dict) -> None:
         super().__init__()
         self.save_hyperparameters()  # the resolved run config travels with every checkpoint
@@ -171,7 +171,7 @@ class Objective(VisionObjectiveHooks, LightningModule):
         self.max_log_scale = math.log(o.max_logit_scale)
         self.micro_batches = self.cfg.trainer.accumulate_grad_batches
         self.augment = ViewAugment(o.view, data.channels, data.image_size, "objective.view")
-        self.val_loss = MeanMetric()
+        self.init_validation()
         if o.lock_image:
             lock_tower(self.image_tower, o.lock_image_unlocked_blocks)
 
@@ -230,18 +230,16 @@ class Objective(VisionObjectiveHooks, LightningModule):
             with torch.no_grad():
                 self.logit_scale.clamp_(max=self.max_log_scale)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         images = to_float_images(batch["image"])  # no augmentation: the whole image at its size
         image, text = self.embed(images, batch["tokens"], batch["length"])
         scale = self.scale()
         # Ranks may hold different numbers of validation batches: no collective here.
         loss = (siglip_loss(image, text, scale, self.logit_bias, gather=False) if self.logit_bias is not None
                 else clip_loss(image, text, scale, gather=False))
-        self.val_loss.update(loss)
+        self.record_val_loss(loss, dataloader_idx)
         return {"image": image, "text": text}
 
-    def on_validation_epoch_end(self) -> None:
-        log_val_loss(self, self.val_loss)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """What the online probes and ``load_backbone`` see: the image tower's features."""

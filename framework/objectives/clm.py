@@ -15,7 +15,8 @@ from framework.config.load import config_from_dict, config_to_dict
 from framework.config.schema import ObjectiveConfig, RunConfig
 from framework.losses.language import next_token_loss
 from framework.models.transformer import Transformer
-from framework.objectives.text_common import TokenLossValidation, text_datamodule, tokenizer_facts
+from framework.objectives.text_common import text_datamodule, tokenizer_facts
+from framework.training.metrics import ValidationLosses
 from framework.training.optim import build_optimizer
 
 default_model = "transformer"
@@ -26,7 +27,9 @@ class Config(ObjectiveConfig):
     name: str = "clm"
 
 
-class Objective(TokenLossValidation, LightningModule):
+class Objective(ValidationLosses, LightningModule):
+    val_perplexity = True
+
     def __init__(self, config: dict, vocab_size: int, special_ids: dict) -> None:
         super().__init__()
         self.save_hyperparameters()  # the resolved run config travels with every checkpoint
@@ -41,7 +44,7 @@ class Objective(TokenLossValidation, LightningModule):
 
     def validation_step(self, tokens: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         loss = next_token_loss(self.model.logits(self.model(tokens)), tokens)
-        self.val_losses[dataloader_idx].update(loss, weight=tokens[:, 1:].numel())
+        self.record_val_loss(loss, dataloader_idx, weight=tokens[:, 1:].numel())
 
     def configure_optimizers(self):
         return build_optimizer(self, self.cfg.optim, self.cfg.trainer.max_steps)

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
-from torchmetrics import MeanMetric
 
 from framework.augment import ViewAugment, ViewConfig, to_float_images
 from framework.config.load import config_from_dict, config_to_dict
@@ -39,9 +38,10 @@ from framework.modules.heads import DINOHead
 from framework.modules.sync_batchnorm import convert_to_global_batchnorm
 from framework.objectives.vision_common import (
     VisionObjectiveHooks,
-    ProbeConfig, batch_rng, build_backbone, check_patch_size, image_datamodule, log_val_loss,
+    ProbeConfig, batch_rng, build_backbone, check_patch_size, image_datamodule,
     val_images,
 )
+from framework.training.metrics import ValidationLosses
 
 default_model = "vit"
 
@@ -93,7 +93,7 @@ def local_size(cfg: RunConfig) -> int:
     return max(1, round(image * 96 / 224))
 
 
-class Objective(VisionObjectiveHooks, LightningModule):
+class Objective(ValidationLosses, VisionObjectiveHooks, LightningModule):
     def __init__(self, config: dict) -> None:
         super().__init__()
         self.save_hyperparameters()  # the resolved run config travels with every checkpoint
@@ -119,7 +119,7 @@ class Objective(VisionObjectiveHooks, LightningModule):
         ])
         local_view = dataclasses.replace(o.local, size=small)
         self.local_augment = ViewAugment(local_view, data.channels, data.image_size, "objective.local")
-        self.val_loss = MeanMetric()
+        self.init_validation()
 
     def views(self, images: torch.Tensor) -> list[torch.Tensor]:
         """[global 1, global 2, local 1, ..., local N]."""
@@ -170,13 +170,11 @@ class Objective(VisionObjectiveHooks, LightningModule):
         ema_update(self.teacher_backbone, self.backbone, momentum)
         ema_update(self.teacher_head, self.head, momentum)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         with batch_rng(self, batch_idx, "val"):
             views = self.views(to_float_images(val_images(batch)))
-        self.val_loss.update(self.loss(views, gather=False))  # no centre update, no collective
+        self.record_val_loss(self.loss(views, gather=False), dataloader_idx)  # no centre update, no collective
 
-    def on_validation_epoch_end(self) -> None:
-        log_val_loss(self, self.val_loss)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.teacher_backbone(images)

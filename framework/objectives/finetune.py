@@ -5,8 +5,9 @@ CLIP's image tower, wav2vec2/hubert) gets a linear head over ``objective.num_cla
 trains end to end through the same Trainer, strategies and launchers as pretraining. The
 recipe is MAE's fine-tuning (He et al. 2022, Appendix A.1): layer-wise lr decay
 (``objective.layer_decay``), warmup and cosine (``optim``), label smoothing, mixup for images.
-Validation on ``data.val`` logs ``val/accuracy`` and ``val/loss``; the best validation's weights
-stay as ``best.ckpt`` and ``objective.patience`` stops a run that no longer improves.
+Validation on ``data.val`` logs ``val/accuracy`` and ``val/loss`` (named sets: ``val/<set>/...``
+each); the best validation's weights (by the first set's accuracy) stay as ``best.ckpt`` and
+``objective.patience`` stops a run that no longer improves.
 ``objective.from_scratch``: the same network randomly initialised, the baseline a pretrained
 checkpoint must beat. ``pretrain eval finetune`` composes these runs for label fractions and
 seeds; ``pretrain fit`` (any launcher) runs one.
@@ -34,6 +35,7 @@ from framework.evaluate.downstream.encoders import build_encoder, load_pretraine
 from framework.losses.classification import mixed_cross_entropy
 from framework.modules.step_rng import seeded, step_seed
 from framework.training.callbacks.best import BestCheckpoint
+from framework.training.metrics import ValidationLosses
 from framework.training.optim import build_optimizer, layer_decay_groups
 
 default_model = "vit"  # replaced by the pretrained run's model section in ``build``
@@ -54,7 +56,7 @@ class Config(ObjectiveConfig):
     patience: int = 0  # validations without a better val/accuracy before stopping; 0: never stop early
 
 
-class Objective(LightningModule):
+class Objective(ValidationLosses, LightningModule):
     def __init__(self, config: dict) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -65,7 +67,8 @@ class Objective(LightningModule):
         self.head = nn.Linear(self.encoder.feature_dim, o.num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE: a near-zero head leaves the features intact at first
         nn.init.zeros_(self.head.bias)
-        self.val_loss, self.val_accuracy = MeanMetric(), MeanMetric()
+        self.init_validation()
+        self.val_accuracies = nn.ModuleList(MeanMetric() for _ in self.val_names)
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Class logits (B, num_classes) of a labelled batch."""
@@ -91,24 +94,26 @@ class Objective(LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         labels = batch["label"]
         self._check_labels(labels)
         logits = self(batch)
-        self.val_loss.update(nn.functional.cross_entropy(logits.float(), labels), weight=labels.numel())
-        self.val_accuracy.update((logits.argmax(-1) == labels).float())
+        self.record_val_loss(nn.functional.cross_entropy(logits.float(), labels), dataloader_idx, weight=labels.numel())
+        self.val_accuracies[dataloader_idx].update((logits.argmax(-1) == labels).float())
 
     def on_validation_epoch_end(self) -> None:
         # Reduced over ranks, and logged on every rank: best-checkpoint and early stopping decide alike everywhere.
-        accuracy, loss = self.val_accuracy.compute(), self.val_loss.compute()
-        self.val_accuracy.reset(), self.val_loss.reset()
-        if not torch.isnan(accuracy):
-            self.log_dict({"val/accuracy": accuracy, "val/loss": loss})
+        for index, (accuracy_metric, loss_metric) in enumerate(zip(self.val_accuracies, self.val_losses)):
+            accuracy, loss = accuracy_metric.compute(), loss_metric.compute()
+            accuracy_metric.reset(), loss_metric.reset()
+            if not torch.isnan(accuracy):
+                self.log_dict({f"{self.val_prefix(index)}/accuracy": accuracy, f"{self.val_prefix(index)}/loss": loss})
 
     def configure_callbacks(self):
-        callbacks = [BestCheckpoint(self.cfg.run.dir, "val/accuracy")] if self.cfg.data.val else []
+        selected = f"{self.val_prefix(0)}/accuracy"  # named sets: the first one selects and stops
+        callbacks = [BestCheckpoint(self.cfg.run.dir, selected)] if self.cfg.data.val else []
         if self.cfg.data.val and self.cfg.objective.patience > 0:
-            callbacks.append(EarlyStopping("val/accuracy", mode="max", patience=self.cfg.objective.patience,
+            callbacks.append(EarlyStopping(selected, mode="max", patience=self.cfg.objective.patience,
                                            check_on_train_epoch_end=False, verbose=False))
         return callbacks
 

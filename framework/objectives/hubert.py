@@ -28,7 +28,6 @@ from typing import Dict
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from torch import nn
-from torchmetrics import MeanMetric
 
 from framework.config.load import config_from_dict, config_to_dict
 from framework.config.schema import ObjectiveConfig, RunConfig
@@ -40,8 +39,9 @@ from framework.modules.span_masking import span_mask
 from framework.objectives.audio_common import (
     AudioObjectiveHooks, audio_datamodule, batch_generator, build_encoder, global_sum, scale_gradient,
 )
-from framework.objectives.vision_common import ProbeConfig, log_val_loss
+from framework.objectives.vision_common import ProbeConfig
 from framework.objectives.wav2vec2 import check_masking
+from framework.training.metrics import ValidationLosses
 
 default_model = "audio_encoder"
 
@@ -63,7 +63,7 @@ class Config(ObjectiveConfig):
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
-class Objective(AudioObjectiveHooks, LightningModule):
+class Objective(ValidationLosses, AudioObjectiveHooks, LightningModule):
     def __init__(self, config: dict) -> None:
         super().__init__()
         self.save_hyperparameters()  # the resolved run config travels with every checkpoint
@@ -77,7 +77,7 @@ class Objective(AudioObjectiveHooks, LightningModule):
         self.encoder = build_encoder(self.cfg)
         self.project = nn.Linear(self.encoder.feature_dim, o.final_dim)
         self.label_embeddings = nn.Parameter(torch.randn(o.clusters, o.final_dim) * o.final_dim ** -0.5)
-        self.val_loss = MeanMetric()
+        self.init_validation()
 
     def draw(self, batch: dict, generator: torch.Generator) -> Dict[str, torch.Tensor]:
         """This batch's span masks (the loss is a deterministic function of the batch and them)."""
@@ -116,13 +116,11 @@ class Objective(AudioObjectiveHooks, LightningModule):
         self.log_dict({f"train/{k}": v for k, v in self._logs.items()})
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        if "targets" in batch:  # ranks may hold different numbers of validation batches: no collective here
-            self.val_loss.update(self.loss(batch, self.draw(batch, batch_generator(self, batch_idx, "val")), gather=False))
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # Validation clips the targets do not cover (held-out shards) give no loss, only probe features.
+        if "targets" in batch and bool((batch["targets"] >= 0).any()):
+            self.record_val_loss(self.loss(batch, self.draw(batch, batch_generator(self, batch_idx, "val")), gather=False), dataloader_idx)
 
-    def on_validation_epoch_end(self) -> None:
-        if self.val_loss.update_count:
-            log_val_loss(self, self.val_loss)
 
 
 def build(cfg: RunConfig) -> tuple[LightningModule, LightningDataModule]:

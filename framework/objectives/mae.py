@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from torch import nn
-from torchmetrics import MeanMetric
 
 from framework.augment import ViewAugment, ViewConfig, to_float_images
 from framework.config.load import config_from_dict, config_to_dict
@@ -34,9 +33,10 @@ from framework.models.vit import sincos_2d
 from framework.modules.patches import patchify, random_masking
 from framework.objectives.vision_common import (
     VisionObjectiveHooks,
-    ProbeConfig, batch_rng, build_backbone, check_patch_size, image_datamodule, log_val_loss,
+    ProbeConfig, batch_rng, build_backbone, check_patch_size, image_datamodule,
     require_vit, val_images,
 )
+from framework.training.metrics import ValidationLosses
 
 default_model = "vit"
 
@@ -91,7 +91,7 @@ class Decoder(nn.Module):
         return self.pred(self.norm(x))[:, 1:]  # (N, L, p*p*C)
 
 
-class Objective(VisionObjectiveHooks, LightningModule):
+class Objective(ValidationLosses, VisionObjectiveHooks, LightningModule):
     def __init__(self, config: dict) -> None:
         super().__init__()
         self.save_hyperparameters()  # the resolved run config travels with every checkpoint
@@ -106,7 +106,7 @@ class Objective(VisionObjectiveHooks, LightningModule):
         self.decoder = Decoder(self.cfg.model.dim, o.decoder_dim, o.decoder_depth, o.decoder_heads,
                                self.cfg.model.mlp_ratio, p * p * data.channels)
         self.augment = ViewAugment(o.view, data.channels, data.image_size, "objective.view")
-        self.val_loss = MeanMetric()
+        self.init_validation()
 
     def views(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [self.augment(images)]
@@ -134,12 +134,10 @@ class Objective(VisionObjectiveHooks, LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         with batch_rng(self, batch_idx, "val"):
-            self.val_loss.update(self.loss(self.views(to_float_images(val_images(batch)))))
+            self.record_val_loss(self.loss(self.views(to_float_images(val_images(batch)))), dataloader_idx)
 
-    def on_validation_epoch_end(self) -> None:
-        log_val_loss(self, self.val_loss)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)  # all patches visible, as after pretraining

@@ -19,7 +19,8 @@ from framework.errors import ConfigError
 from framework.losses.language import IGNORE_INDEX, masked_token_loss
 from framework.models.transformer import Transformer
 from framework.modules.masking import mask_tokens
-from framework.objectives.text_common import TokenLossValidation, text_datamodule, tokenizer_facts
+from framework.objectives.text_common import text_datamodule, tokenizer_facts
+from framework.training.metrics import ValidationLosses
 from framework.training.optim import build_optimizer
 
 default_model = "transformer"
@@ -33,7 +34,9 @@ class Config(ObjectiveConfig):
     replace_with_random: float = 0.1  # ... by a random token; the rest are kept
 
 
-class Objective(TokenLossValidation, LightningModule):
+class Objective(ValidationLosses, LightningModule):
+    val_perplexity = True
+
     def __init__(self, config: dict, vocab_size: int, special_ids: dict) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -68,7 +71,7 @@ class Objective(TokenLossValidation, LightningModule):
         generator = torch.Generator(device=tokens.device).manual_seed(self.cfg.run.seed * 100_003 + batch_idx)
         loss, targets = self._loss(tokens, generator)
         if targets:
-            self.val_losses[dataloader_idx].update(loss, weight=targets)
+            self.record_val_loss(loss, dataloader_idx, weight=targets)
 
     def configure_optimizers(self):
         return build_optimizer(self, self.cfg.optim, self.cfg.trainer.max_steps)

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
-from torchmetrics import MeanMetric
 
 from framework.augment import ViewAugment, ViewConfig, to_float_images
 from framework.config.load import config_from_dict, config_to_dict
@@ -33,9 +32,10 @@ from framework.modules.heads import mlp
 from framework.modules.sync_batchnorm import convert_to_global_batchnorm
 from framework.objectives.vision_common import (
     VisionObjectiveHooks,
-    ProbeConfig, batch_rng, build_backbone, check_patch_size, image_datamodule, log_val_loss,
+    ProbeConfig, batch_rng, build_backbone, check_patch_size, image_datamodule,
     val_images,
 )
+from framework.training.metrics import ValidationLosses
 
 default_model = "vit"
 
@@ -64,7 +64,7 @@ class Config(ObjectiveConfig):
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
-class Objective(VisionObjectiveHooks, LightningModule):
+class Objective(ValidationLosses, VisionObjectiveHooks, LightningModule):
     def __init__(self, config: dict) -> None:
         super().__init__()
         self.save_hyperparameters()  # the resolved run config travels with every checkpoint
@@ -82,7 +82,7 @@ class Objective(VisionObjectiveHooks, LightningModule):
         self.momentum_projector = frozen_copy(self.projector)
         self.augment1 = ViewAugment(o.view1, data.channels, data.image_size, "objective.view1")
         self.augment2 = ViewAugment(o.view2, data.channels, data.image_size, "objective.view2")
-        self.val_loss = MeanMetric()
+        self.init_validation()
 
     def views(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [self.augment1(images), self.augment2(images)]
@@ -112,13 +112,11 @@ class Objective(VisionObjectiveHooks, LightningModule):
         ema_update(self.momentum_backbone, self.backbone, momentum)
         ema_update(self.momentum_projector, self.projector, momentum)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         with batch_rng(self, batch_idx, "val"):
             views = self.views(to_float_images(val_images(batch)))
-        self.val_loss.update(self.loss(views, gather=False))  # ranks' batch counts may differ: no collective
+        self.record_val_loss(self.loss(views, gather=False), dataloader_idx)  # ranks' batch counts may differ: no collective
 
-    def on_validation_epoch_end(self) -> None:
-        log_val_loss(self, self.val_loss)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
-from torchmetrics import MeanMetric
 
 from framework.augment import ViewAugment, ViewConfig, to_float_images
 from framework.config.load import config_from_dict, config_to_dict
@@ -29,9 +28,10 @@ from framework.modules.heads import mlp
 from framework.modules.sync_batchnorm import convert_to_global_batchnorm
 from framework.objectives.vision_common import (
     VisionObjectiveHooks,
-    ProbeConfig, batch_rng, build_backbone, check_patch_size, image_datamodule, log_val_loss,
+    ProbeConfig, batch_rng, build_backbone, check_patch_size, image_datamodule,
     val_images,
 )
+from framework.training.metrics import ValidationLosses
 
 default_model = "resnet"
 
@@ -54,7 +54,7 @@ class Config(ObjectiveConfig):
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
-class Objective(VisionObjectiveHooks, LightningModule):
+class Objective(ValidationLosses, VisionObjectiveHooks, LightningModule):
     def __init__(self, config: dict) -> None:
         super().__init__()
         self.save_hyperparameters()  # the resolved run config travels with every checkpoint
@@ -66,7 +66,7 @@ class Objective(VisionObjectiveHooks, LightningModule):
         if o.sync_batchnorm:
             convert_to_global_batchnorm(self)
         self.augment = ViewAugment(o.view, data.channels, data.image_size, "objective.view")
-        self.val_loss = MeanMetric()
+        self.init_validation()
 
     def views(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [self.augment(images), self.augment(images)]
@@ -84,14 +84,12 @@ class Objective(VisionObjectiveHooks, LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         with batch_rng(self, batch_idx, "val"):
             views = self.views(to_float_images(val_images(batch)))
         # Ranks may hold different numbers of validation batches: no collective here.
-        self.val_loss.update(self.loss(views, gather=False))
+        self.record_val_loss(self.loss(views, gather=False), dataloader_idx)
 
-    def on_validation_epoch_end(self) -> None:
-        log_val_loss(self, self.val_loss)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """What the online probes and ``load_backbone`` see."""

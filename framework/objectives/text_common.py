@@ -25,24 +25,3 @@ def text_datamodule(cfg: RunConfig) -> TextDataModule:
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     return TextDataModule(cfg.data, cfg.run.seed, block_len=cfg.data.seq_len)
-
-
-class TokenLossValidation:
-    """The text objectives' validation: the token-weighted loss and perplexity over ``data.val``,
-    as ``val/loss``, ``val/ppl``; with named sets (``data.val: {old: ..., new: ...}``) one pair
-    per set, ``val/old/loss``, ``val/new/ppl``, ...: what forgetting is measured with."""
-
-    def init_validation(self) -> None:
-        from torch import nn
-        from torchmetrics import MeanMetric
-
-        from framework.data.loader import val_set_names
-
-        self.val_names = val_set_names(self.cfg.data.val) or [""]
-        self.val_losses = nn.ModuleList(MeanMetric() for _ in self.val_names)
-
-    def on_validation_epoch_end(self) -> None:
-        from framework.training.metrics import log_token_loss
-
-        for name, metric in zip(self.val_names, self.val_losses):
-            log_token_loss(self, metric, prefix=f"val/{name}" if name else "val")

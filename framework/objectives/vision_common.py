@@ -11,7 +11,6 @@ from typing import Any, Callable
 import torch
 from lightning.pytorch import LightningModule
 from torch import nn
-from torchmetrics import MeanMetric
 
 from framework.augment import to_float_images
 from framework.config.schema import RunConfig
@@ -82,14 +81,6 @@ def batch_rng(module: LightningModule, batch_idx: int, stage: str) -> AbstractCo
 def val_images(batch: object) -> torch.Tensor:
     """The images of a validation batch (labelled dict from the image loader) - never the labels."""
     return batch["image"] if isinstance(batch, dict) else batch
-
-
-def log_val_loss(module: LightningModule, metric: MeanMetric) -> None:
-    """Mean validation loss over all ranks; every rank calls it once per validation."""
-    loss = metric.compute()
-    metric.reset()
-    if not torch.isnan(loss):
-        module.log("val/loss", loss, rank_zero_only=True)
 
 
 def count_flops(module: LightningModule, step: Callable[[], Any], samples: int) -> float:

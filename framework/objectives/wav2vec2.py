@@ -33,7 +33,6 @@ from typing import Dict, List
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from torch import nn
-from torchmetrics import MeanMetric
 
 from framework.config.load import config_from_dict, config_to_dict
 from framework.config.schema import ObjectiveConfig, RunConfig
@@ -45,7 +44,8 @@ from framework.modules.span_masking import sample_distractors, span_mask
 from framework.objectives.audio_common import (
     AudioObjectiveHooks, audio_datamodule, batch_generator, build_encoder, global_sum, scale_gradient,
 )
-from framework.objectives.vision_common import ProbeConfig, log_val_loss
+from framework.objectives.vision_common import ProbeConfig
+from framework.training.metrics import ValidationLosses
 
 default_model = "audio_encoder"
 
@@ -69,7 +69,7 @@ class Config(ObjectiveConfig):
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
-class Objective(AudioObjectiveHooks, LightningModule):
+class Objective(ValidationLosses, AudioObjectiveHooks, LightningModule):
     def __init__(self, config: dict) -> None:
         super().__init__()
         self.save_hyperparameters()  # the resolved run config travels with every checkpoint
@@ -86,7 +86,7 @@ class Objective(AudioObjectiveHooks, LightningModule):
         self.quantizer = GumbelQuantizer(self.encoder.conv_dim, o.codebooks, o.codebook_entries, o.final_dim)
         self.project_targets = nn.Linear(o.final_dim, o.final_dim)
         self.project_predictions = nn.Linear(self.encoder.feature_dim, o.final_dim)
-        self.val_loss = MeanMetric()
+        self.init_validation()
 
     def quantizer_temperature(self) -> float:
         start, end = self.cfg.objective.quantizer_temperature
@@ -140,12 +140,10 @@ class Objective(AudioObjectiveHooks, LightningModule):
         self.log("train/quantizer_temperature", self.quantizer_temperature())
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         # Ranks may hold different numbers of validation batches: no collective here.
-        self.val_loss.update(self.loss(batch, self.draw(batch, batch_generator(self, batch_idx, "val")), gather=False))
+        self.record_val_loss(self.loss(batch, self.draw(batch, batch_generator(self, batch_idx, "val")), gather=False), dataloader_idx)
 
-    def on_validation_epoch_end(self) -> None:
-        log_val_loss(self, self.val_loss)
 
 
 def utterance_distractors(distractors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

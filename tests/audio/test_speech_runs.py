@@ -128,11 +128,16 @@ def test_targets_are_deterministic_and_resume_after_kill(speech_shards, mfcc_tar
 def test_hubert_on_mfcc_targets_then_iteration_two(speech_shards, mfcc_targets, tmp_path):
     out, _ = mfcc_targets
     run = tmp_path / "hubert"
+    # Named validation sets: the training shards have frame targets (a loss), the held-out ones
+    # have none (no loss, but the probes still embed them).
     run_cli(fit_args(speech_shards, run, f"objective.targets={out}", "trainer.devices=1", "trainer.max_steps=4",
-                     "trainer.val_every_steps=4", objective=HUBERT))
+                     "trainer.val_every_steps=4", f"data.val={{held_out: {speech_shards['val']}, seen: {speech_shards['train']}}}",
+                     objective=HUBERT))
     rows = metric_rows(run)
     assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
-    assert any("train/masked_accuracy" in r for r in rows) and any("probe/linear_acc" in r for r in rows)
+    keys = {k for r in rows for k in r}
+    assert "train/masked_accuracy" in keys and {"probe/held_out/linear_acc", "probe/seen/linear_acc"} <= keys
+    assert "val/seen/loss" in keys and "val/held_out/loss" not in keys and "val/loss" not in keys, sorted(keys)
     second = tmp_path / "it2"
     bad_layer = targets_cmd(speech_shards["train"], second, "--features", str(run), "--layer", "7")
     assert bad_layer.returncode != 0 and "--layer 7" in bad_layer.stderr

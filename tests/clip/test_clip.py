@@ -177,6 +177,18 @@ def test_logit_scale_never_exceeds_its_cap(pair_shards, tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_named_validation_sets_are_scored_set_by_set(pair_shards, tmp_path):
+    run_cli(single_fit(pair_shards, tmp_path / "r", f"data.val={{held_out: {pair_shards['val']}, seen: {pair_shards['train']}}}",
+                       "objective.zeroshot.classes=[zero,one,two,three,four,five,six,seven,eight,nine]",
+                       "objective.probe.linear=false"))
+    row = next(r for r in metric_rows(tmp_path / "r") if any(k.startswith("val/") for k in r))
+    for name in ("held_out", "seen"):
+        assert {f"val/{name}/loss", f"probe/{name}/zeroshot_top1", f"probe/{name}/retrieval_i2t_r1",
+                f"probe/{name}/knn_acc"} <= set(row), sorted(row)
+    assert "val/loss" not in row and row["val/held_out/loss"] != row["val/seen/loss"]
+
+
+@pytest.mark.timeout(300)
 def test_towers_from_checkpoints_and_a_locked_image_tower(pair_shards, init_checkpoints, tmp_path):
     from framework.config.load import load_config
     from framework.objectives import clip

@@ -140,3 +140,19 @@ def test_finetune_stops_early_when_validation_stops_improving(mae_run, digit_sha
     steps = [row["step"] for row in metric_rows(out / "runs" / "finetune-1-seed0") if "val/accuracy" in row]
     assert steps == [2, 4, 6], steps
     assert json.loads((out / "runs" / "finetune-1-seed0" / "best.json").read_text())["step"] == 2
+
+
+@pytest.mark.timeout(300)
+def test_finetune_with_named_validation_sets_selects_on_the_first(mae_run, digit_shards, tmp_path):
+    run = tmp_path / "ft"
+    run_cli(["fit", "objective.name=finetune", f"objective.checkpoint={mae_run}", "objective.num_classes=10",
+             f"data.train={digit_shards['train']}", f"data.val={{held_out: {digit_shards['val']}, seen: {digit_shards['train']}}}",
+             *FINETUNE_STEPS, "trainer.checkpoint_every_steps=4", "logging.wandb=disabled", "logging.progress=false",
+             f"run.dir={run}"])
+    validated = [r for r in metric_rows(run) if any(k.startswith("val/") for k in r)]
+    assert [r["step"] for r in validated] == [2, 4]
+    for row in validated:
+        assert {"val/held_out/accuracy", "val/held_out/loss", "val/seen/accuracy", "val/seen/loss"} <= set(row)
+        assert "val/accuracy" not in row
+    best = json.loads((run / "best.json").read_text())
+    assert set(best) == {"step", "val/held_out/accuracy"}, "the first named set selects the best weights"

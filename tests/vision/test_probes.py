@@ -60,6 +60,6 @@ def test_probe_callback_leaves_backbone_gradients_and_weights_unchanged(digit_sh
 
 def test_probes_skip_unlabelled_validation_data(caplog):
     probes = OnlineProbes(ProbeConfig())
-    probes._features, probes._labels, probes._ids = [torch.randn(10, 4)], [torch.full((10,), -1)], [torch.arange(10)]
+    probes._sets = {0: ([torch.randn(10, 4)], [torch.full((10,), -1)], [torch.arange(10)])}
     assert probes.compute(torch.device("cpu")) == {}
     assert "online probes skipped" in caplog.text

@@ -92,3 +92,19 @@ def test_sharded_strategies_give_the_ddp_losses_and_a_loadable_backbone(method, 
     images = torch.rand(4, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(backbone(images), plain(images), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.timeout(300)
+def test_named_validation_sets_log_losses_and_probes_set_by_set(digit_shards, tmp_path):
+    """``data.val: {held_out: ..., seen: ...}`` on 2 ranks: a loss and probes per set, none unnamed."""
+    run_dir = tmp_path / "run"
+    run_cli(fit_args("simclr", digit_shards, run_dir, f"data.val={{held_out: {digit_shards['val']}, seen: {digit_shards['train']}}}",
+                     "trainer.max_steps=3", "trainer.val_every_steps=3", "trainer.checkpoint_every_steps=3"))
+    validated = [r for r in metric_rows(run_dir) if any(k.startswith(("val/", "probe/")) for k in r)]
+    keys = {k for r in validated for k in r}
+    for name in ("held_out", "seen"):
+        assert {f"val/{name}/loss", f"probe/{name}/knn_acc", f"probe/{name}/linear_acc"} <= keys
+    assert not keys & {"val/loss", "probe/knn_acc"}, "named sets only"
+    row = next(r for r in validated if "val/seen/loss" in r)
+    assert row["val/held_out/loss"] != row["val/seen/loss"], "two sets, two figures"
+

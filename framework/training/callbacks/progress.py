@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, List, Mapping, Optional
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
@@ -27,8 +27,8 @@ class ProgressDisplay(Callback):
         parts = []
         if "train/loss" in metrics:
             parts.append(f"loss {float(metrics['train/loss']):.4f}")
-        if "val/ppl" in metrics:
-            parts.append(f"val ppl {float(metrics['val/ppl']):.2f}")
+        parts += [f"{prefix} ppl {float(metrics[prefix + '/ppl']):.2f}" for prefix in val_sets(metrics)
+                  if prefix + "/ppl" in metrics]
         throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
         if throughput and throughput.latest:
             parts.append(f"{throughput.latest['perf/samples_per_s']:.1f} samples/s")
@@ -60,12 +60,22 @@ class ProgressDisplay(Callback):
 
     @rank_zero_only
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._progress is None and not trainer.sanity_checking and "val/ppl" in trainer.callback_metrics:
-            metrics = trainer.callback_metrics
-            print(f"step {trainer.global_step}  val loss {float(metrics['val/loss']):.4f}  val ppl {float(metrics['val/ppl']):.2f}", flush=True)
+        metrics = trainer.callback_metrics
+        if self._progress is None and not trainer.sanity_checking and val_sets(metrics):
+            parts = []
+            for prefix in val_sets(metrics):
+                parts.append(f"{prefix} loss {float(metrics[prefix + '/loss']):.4f}")
+                if prefix + "/ppl" in metrics:
+                    parts.append(f"{prefix} ppl {float(metrics[prefix + '/ppl']):.2f}")
+            print(f"step {trainer.global_step}  " + "  ".join(parts), flush=True)
 
     @rank_zero_only
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._progress is not None:
             self._progress.update(self._task, completed=trainer.global_step, summary=self._summary(trainer))
             self._progress.stop()
+
+
+def val_sets(metrics: Mapping[str, Any]) -> List[str]:
+    """The validation sets with a loss in ``metrics``: ``val`` or ``val/<name>`` each."""
+    return [key.removesuffix("/loss") for key in metrics if key.startswith("val") and key.endswith("/loss")]
