@@ -86,8 +86,11 @@ def test_another_tokenizer_is_refused_unless_resize_vocab_carries_the_shared_row
     # the same through `pretrain fit`: the resized model trains on the new tokenizer's blocks
     from run_helpers import REPO, metric_rows, run_cli
 
+    from framework.data.writers.text import write_text_shards
+
+    write_text_shards([str(prose)], str(tmp_path / "prose-shards"), workers=1)
     run_dir = tmp_path / "run"
-    output = run_cli(["fit", "--config", str(REPO / "configs/experiments/gpt-tiny.yaml"), f"data.train={prose}",
+    output = run_cli(["fit", "--config", str(REPO / "configs/experiments/gpt-tiny.yaml"), f"data.train={tmp_path / 'prose-shards'}", "data.val=null",
                       f"data.tokenizer={other}", init, "model.resize_vocab=true", "model.dim=16", "model.depth=1",
                       "model.heads=2", "data.seq_len=32", "data.batch_size=4", "data.num_workers=0", "trainer.devices=1",
                       "trainer.max_steps=2", "trainer.checkpoint_every_steps=2", "logging.wandb=disabled", f"run.dir={run_dir}"])
