@@ -49,8 +49,41 @@ def _cmd_consolidate(args: argparse.Namespace) -> None:
     print(f"{args.checkpoint} ({summary['kind']}) -> {args.output}: {summary['tensors']} tensors, {summary['parameters']:,} values")
 
 
+def _row_inputs(inputs: Optional[List[str]], parquet_only: bool = False) -> bool:
+    """Whether ``--input`` names row files (Parquet, and for text JSON Lines): files, globs or
+    folders of them. Images, audio and pairs take JSON Lines as list files of paths, not rows."""
+    from pathlib import Path
+
+    from framework.data.formats import is_parquet, is_row_file
+
+    kind = is_parquet if parquet_only else is_row_file
+
+    def rows(item: str) -> bool:
+        path = Path(item)
+        return kind(item) or (path.is_dir() and any(kind(p.name) for p in path.iterdir()))
+
+    return bool(inputs) and any(rows(i) for i in inputs)
+
+
+def _shards_from_rows(args: argparse.Namespace, modality: str) -> None:
+    from framework.data.writers.rows import row_fields_for, write_row_shards
+
+    fields = row_fields_for(modality, args.text_key, args.image_key, args.audio_key, args.caption_key, args.id_key)
+    summary = write_row_shards(
+        args.input, args.output, modality, fields=fields, val_fraction=getattr(args, "val_fraction", 0.0),
+        seed=getattr(args, "seed", 0), max_samples_per_shard=args.max_samples_per_shard,
+        max_shard_bytes=args.max_shard_bytes, workers=getattr(args, "workers", None),
+        shards_per_chunk=getattr(args, "shards_per_chunk", 8), overwrite=args.overwrite)
+    print(f"{summary['rows']} rows; {len(summary['skipped'])} skipped")
+    for split, info in summary["splits"].items():
+        print(f"  {split}: {info['samples']} samples in {info['shards']} shards, {info['bytes'] / 2**20:.1f} MiB -> {info['dir']}")
+
+
 def _cmd_shards_text(args: argparse.Namespace) -> None:
     from framework.data.writers.text import write_text_shards
+
+    if _row_inputs(args.input):
+        return _shards_from_rows(args, "text")
 
     summary = write_text_shards(
         args.input,
@@ -75,6 +108,9 @@ def _cmd_shards_text(args: argparse.Namespace) -> None:
 def _cmd_shards_images(args: argparse.Namespace) -> None:
     from framework.data.writers.images import write_image_shards
 
+    if _row_inputs(args.input, parquet_only=True):
+        return _shards_from_rows(args, "images")
+
     summary = write_image_shards(
         args.input or [], args.output, list_file=args.list, include=args.include, val_fraction=args.val_fraction,
         max_samples=args.max_samples, max_samples_per_shard=args.max_samples_per_shard,
@@ -95,6 +131,9 @@ def _print_written(summary: dict, what: str) -> None:
 def _cmd_shards_pairs(args: argparse.Namespace) -> None:
     from framework.data.writers.pairs import write_pair_shards
 
+    if _row_inputs(args.input, parquet_only=True):
+        return _shards_from_rows(args, "pairs")
+
     summary = write_pair_shards(
         args.input,
         args.output,
@@ -113,6 +152,9 @@ def _cmd_shards_pairs(args: argparse.Namespace) -> None:
 
 def _cmd_shards_audio(args: argparse.Namespace) -> None:
     from framework.data.writers.audio import write_audio_shards
+
+    if _row_inputs(args.input, parquet_only=True):
+        return _shards_from_rows(args, "audio")
 
     summary = write_audio_shards(
         args.input,
@@ -133,6 +175,17 @@ def _cmd_shards_audio(args: argparse.Namespace) -> None:
     length = f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds:.1f} s"
     print(f"  {length} of audio, {summary['with_transcript']} with transcript"
           + (f", {len(summary['classes'])} classes" if summary["classes"] else ""))
+
+
+def _add_row_args(parser: argparse.ArgumentParser) -> None:
+    """Columns of row-file inputs (.parquet, .jsonl, .jsonl.gz, .jsonl.zst)."""
+    have = {a.dest for a in parser._actions}
+    for flag, default, what in (("--text-key", "text", "the text"), ("--image-key", "image", "the image (bytes or "
+                                "an HF {bytes, path} struct)"), ("--audio-key", "audio", "the audio (bytes or an HF "
+                                "{bytes, path} struct)"), ("--caption-key", "caption", "the caption"),
+                                ("--id-key", "id", "the sample key")):
+        if flag.lstrip("-").replace("-", "_") not in have:
+            parser.add_argument(flag, default=default, help=f"row files: the column of {what}")
 
 
 def _add_writer_args(parser: argparse.ArgumentParser) -> None:
@@ -167,22 +220,29 @@ def _cmd_data_inspect(args: argparse.Namespace) -> None:
     from framework.objectives import objective_module
 
     cfg = load_config(args.config, args.overrides)
-    processor = None
+    processor, fields = None, None
     if args.verify:
         from framework.data.faults import silenced
 
         with silenced():  # inspect lists every bad shard itself
             _, datamodule = objective_module(cfg.objective.name).build(cfg)
         processor = datamodule.processor() if hasattr(datamodule, "processor") else None
+        fields = getattr(datamodule, "row_fields", None)
     world = args.world_size or cfg.trainer.devices * cfg.trainer.num_nodes
     workers = cfg.data.num_workers if args.workers is None else args.workers
     summary = inspect_data(
         cfg.data.train, seed=cfg.run.seed, batch_size=cfg.data.batch_size, remainder=cfg.data.remainder,
         world_size=world, num_workers=workers, epochs=args.epochs, processor=processor, verify=args.verify, zero_copy=cfg.data.zero_copy,
-        on_error=cfg.data.on_error, per_rank=args.per_rank, jobs=args.jobs,
+        on_error=cfg.data.on_error, per_rank=args.per_rank, jobs=args.jobs, fields=fields,
     )
     if summary["bad"] or summary["missing"] or summary["duplicates"]:
         raise SystemExit(1)
+
+
+def _cmd_data_index(args: argparse.Namespace) -> None:
+    from framework.data.formats.jsonl import index_files
+
+    index_files(args.paths, args.rows_per_point, args.workers, args.force)
 
 
 _EVAL_KEYS = {"data.train": str, "data.val": str, "data.test": str, "data.batch_size": int, "data.on_error": str,
@@ -329,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output directory")
     export.set_defaults(func=_cmd_export)
 
-    shards = sub.add_parser("shards", help="write webdataset tar shards from raw files").add_subparsers(dest="kind", required=True)
+    shards = sub.add_parser("shards", help="write webdataset tar shards from raw files or row files (Parquet, JSON "
+                            "Lines)").add_subparsers(dest="kind", required=True)
     text = shards.add_parser("text", help="text files -> shards of documents (one file, one document)")
     text.add_argument("--input", "-i", nargs="+", required=True, help="files, directories or globs")
     text.add_argument("--output", "-o", required=True, help="output directory")
@@ -339,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--metadata", help="a .tsv (with header) or .jsonl list file: a path column and any others "
                       "(a label, a source) into each sample's json; 'label' becomes the class")
     _add_writer_args(text)
+    _add_row_args(text)
     text.set_defaults(func=_cmd_shards_text)
 
     images = shards.add_parser("images", help="image files -> shards (class sub-folders or a list file give labels)")
@@ -355,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--max-shard-bytes", type=int, default=64 * 2**20)
     images.add_argument("--seed", type=int, default=0)
     images.add_argument("--overwrite", action="store_true", help="replace shards an earlier write left in OUTPUT")
+    _add_row_args(images)
     images.set_defaults(func=_cmd_shards_images)
 
     pairs = shards.add_parser("pairs", help="image-text pairs listed in .jsonl/.csv/.tsv files -> shards")
@@ -364,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--caption-key", default="caption", help="column/key of the caption")
     pairs.add_argument("--verify", action="store_true", help="decode every image with Pillow; skip those that fail")
     _add_writer_args(pairs)
+    _add_row_args(pairs)
     pairs.set_defaults(func=_cmd_shards_pairs)
 
     audio = shards.add_parser("audio", help="wav/flac files -> shards (optional transcripts or folder labels)")
@@ -376,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     audio.add_argument("--labels-from-folders", action="store_true", help="class label = the parent folder's name")
     audio.add_argument("--verify", action="store_true", help="decode every file fully; skip those that fail")
     _add_writer_args(audio)
+    _add_row_args(audio)
     audio.set_defaults(func=_cmd_shards_audio)
 
     tokenizer = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="action", required=True)
@@ -401,6 +466,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--verify", action="store_true", help="read and decode every sample, report bad ones by name")
     inspect.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.train=shards/")
     inspect.set_defaults(func=_cmd_data_inspect)
+
+    index = data.add_parser("index", help="JSON Lines (.jsonl, .jsonl.gz, .jsonl.zst): one pass writing line counts and "
+                                          "seek points beside the files, reused by every run (resumable)")
+    index.add_argument("paths", nargs="+", help="files, directories or globs of JSON Lines files")
+    index.add_argument("--rows-per-point", type=int, default=1024, help="lines between seek points (a unit of reading)")
+    index.add_argument("--workers", type=int, default=1, help="files indexed in parallel")
+    index.add_argument("--force", action="store_true", help="index again files whose index is current")
+    index.set_defaults(func=_cmd_data_index)
 
     evaluate = sub.add_parser("eval", help="evaluate a pretrained checkpoint").add_subparsers(dest="mode", required=True)
     zeroshot = evaluate.add_parser("zeroshot", help="CLIP: classify labelled images by prompts, no training")

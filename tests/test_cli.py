@@ -45,7 +45,7 @@ def test_missing_shard_path(capsys, text_corpus, tmp_path):
 def test_empty_shard_directory(capsys, text_corpus, tmp_path):
     (tmp_path / "empty").mkdir()
     line = error_of(capsys, ["fit", "--config", GPT, *data_overrides(text_corpus), f"data.val={tmp_path}/empty", f"run.dir={tmp_path}/r"])
-    assert "data.val" in line and "no shards (*.tar, *.tar.gz, *.tgz) in directory" in line
+    assert "data.val" in line and "no shards (*.tar, *.tar.gz, *.tgz) or row files (*.parquet, " in line
 
 
 def test_missing_tokenizer(capsys, text_corpus, tmp_path):

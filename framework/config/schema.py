@@ -59,6 +59,16 @@ class DataConfig:
     # sample: large undecoded samples cost only their tar header). Processors must take any
     # bytes-like value; the framework's own do.
     zero_copy: bool = False
+    # Row files (Parquet, JSON Lines .jsonl/.jsonl.gz/.jsonl.zst): which column is what. Other
+    # columns become each sample's metadata (its json member), all of them or extra_keys only.
+    text_key: str = "text"
+    image_key: str = "image"  # raw bytes, or Hugging Face's {bytes, path} struct
+    audio_key: str = "audio"  # raw bytes, or Hugging Face's {bytes, path} struct
+    caption_key: str = "caption"  # image-text pairs
+    id_key: str = "id"  # the sample key (else <file stem>:<row>)
+    label_key: str = "label"  # an integer class: the probes' and subgroup reports' label
+    extra_keys: Optional[List[str]] = None  # metadata columns to read (null: every other column)
+    max_rows_per_read: int = 1024  # Parquet: a larger row group is read in stretches of this many rows
 
 
 @dataclass

@@ -151,6 +151,8 @@ class AudioDataModule(ShardDataMixin, LightningDataModule):
     """Train: an endless stream of padded clip batches (similar lengths with ``data.bucket``);
     val: one labelled pass (for the online probes), clips cut to ``data.max_seconds``."""
 
+    row_modality = "audio"
+
     def __init__(self, data: DataConfig, seed: int, conv_layers: Optional[List[List[int]]] = None,
                  targets: Any = None) -> None:
         super().__init__()

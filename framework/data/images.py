@@ -21,8 +21,8 @@ from framework.config.schema import DataConfig
 from framework.data.faults import report_fault
 from framework.data.loader import ShardDataMixin, train_loader, val_loader
 from framework.data.manifest import read_manifest
-from framework.data.sources import Shard, is_remote, open_shard, resolve_shards
-from framework.data.tar import Sample, TarFormatError, iter_samples
+from framework.data.sources import Shard, is_remote, open_reader, resolve_shards
+from framework.data.tar import Sample, TarFormatError
 from framework.errors import ConfigError, DataError, SampleError
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
@@ -127,8 +127,8 @@ def image_facts(shards: List[Shard], key: str = "data.train", on_error: str = "s
 
     for shard in shards:
         try:
-            with open_shard(shard.url) as stream:
-                for sample_key, sample, _ in iter_samples(stream, 0):
+            with open_reader(shard) as reader:
+                for sample_key, sample, _ in reader.samples(0):
                     data = image_member(sample)
                     if data is None:
                         continue
@@ -148,6 +148,8 @@ def image_facts(shards: List[Shard], key: str = "data.train", on_error: str = "s
 
 class ImageDataModule(ShardDataMixin, LightningDataModule):
     """Train: an endless stream of uint8 image batches (no labels); val: one labelled pass."""
+
+    row_modality = "image"
 
     def __init__(self, data: DataConfig, seed: int) -> None:
         super().__init__()
@@ -180,6 +182,9 @@ def resolve_image_facts(data: DataConfig) -> None:
         raise ConfigError(f"data.image_size must be >= 1 (or 0 to read it from the shards), got {data.image_size}")
     if data.image_size and data.channels:
         return
-    size, channels = image_facts(resolve_shards(data.train, "data.train"), "data.train", data.on_error)
+    from framework.data.formats import row_fields
+
+    shards = resolve_shards(data.train, "data.train", row_fields(data, "image"))
+    size, channels = image_facts(shards, "data.train", data.on_error)
     data.image_size = data.image_size or size
     data.channels = data.channels or channels

@@ -22,9 +22,9 @@ from rich.progress import Progress
 
 from framework.data.plan import epoch_plan
 from framework.data.faults import report_fault
-from framework.data.sources import Shard, check_shards, open_shard, resolve_sources
+from framework.data.sources import Shard, check_shards, open_reader, resolve_sources
 from framework.data.stream import Processor
-from framework.data.tar import TarFormatError, iter_samples
+from framework.data.tar import TarFormatError
 from framework.errors import DataError, SampleError
 
 
@@ -43,8 +43,8 @@ def _scan_shard(number: int, shard: Shard, processor: Optional[Processor], zero_
 
     shard_bad = False
     try:
-        with open_shard(shard.url, zero_copy=zero_copy) as stream:
-            for key, sample, _ in iter_samples(stream):
+        with open_reader(shard, zero_copy=zero_copy) as stream:
+            for key, sample, _ in stream.samples(0):
                 keys.append(key)
                 if processor is None:
                     continue
@@ -120,8 +120,11 @@ def inspect_data(
     report: Callable[[str], None] = print,
     per_rank: bool = False,
     jobs: int = 1,
+    fields: Any = None,
 ) -> Dict[str, Any]:
-    shards, ranges, weights = resolve_sources(spec, "data.train")
+    """``fields``: how row files' columns become samples (the objective's data module's; by
+    default whichever of text, image and audio a file has)."""
+    shards, ranges, weights = resolve_sources(spec, "data.train", fields)
     shards = check_shards(shards, on_error, announce=False)  # the planning training does; its faults are listed below
     readers = max(num_workers, 1)
     if processor is not None and not processor.one_to_one:

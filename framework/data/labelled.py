@@ -82,6 +82,7 @@ class LabelledDataModule(ShardDataMixin, LightningDataModule):
     def __init__(self, data: DataConfig, seed: int, modality: str, conv_layers: Any = None, pad_id: int = 0) -> None:
         super().__init__()
         self.data, self.seed, self.modality, self.conv_layers, self.pad_id = data, seed, modality, conv_layers, pad_id
+        self.row_modality = modality
         self.resolve_data(data)
 
     def processor(self) -> Any:

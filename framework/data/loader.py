@@ -201,15 +201,23 @@ def val_set_names(val: Any) -> List[str]:
 
 class ShardDataMixin:
     """What every modality's LightningDataModule shares: its shards, this rank's place and
-    one validation loader per named ``data.val`` set."""
+    one validation loader per named ``data.val`` set. ``row_modality`` says which columns of
+    row files (Parquet, JSON Lines) its decoder reads (framework/data/formats/)."""
+
+    row_modality = "text"
 
     def resolve_data(self, data: DataConfig) -> None:
         """Sets ``train_shards``, ``sources`` (weighted source ranges), ``val_shards`` and, for
         named validation sets, ``val_sets`` ({name: shards}), planned (checked, and counted in
         epoch mode) under ``data.on_error`` before any process starts; faults are announced by
         rank 0 alone."""
+        from framework.data.formats import row_fields
+
         names = val_set_names(data.val)
-        shards, ranges, weights = resolve_sources(data.train, "data.train")
+        if data.max_rows_per_read < 1:
+            raise DataError(f"data.max_rows_per_read must be >= 1, not {data.max_rows_per_read}")
+        self.row_fields = fields = row_fields(data, self.row_modality)
+        shards, ranges, weights = resolve_sources(data.train, "data.train", fields)
         self.sources = Sources(tuple(ranges), tuple(weights))
         check_data_config(data, len(ranges))
         announce = rank_zero_only.rank == 0
@@ -217,10 +225,10 @@ class ShardDataMixin:
         if announce:
             announce_commands(shards, "data.train")
             for name, spec in specs.items():
-                announce_commands(resolve_shards(spec, f"data.val.{name}" if name else "data.val"), "data.val")
+                announce_commands(resolve_shards(spec, f"data.val.{name}" if name else "data.val", fields), "data.val")
         self.train_shards = check_shards(shards, data.on_error, data.mode == "epoch", "data.train", announce)
         self.val_sets = {
-            name: check_shards(resolve_shards(spec, key), data.on_error, True, key, announce)
+            name: check_shards(resolve_shards(spec, key, fields), data.on_error, True, key, announce)
             for name, spec in specs.items() for key in [f"data.val.{name}" if name else "data.val"]
         }
         self.val_shards = next(iter(self.val_sets.values())) if len(self.val_sets) == 1 else [

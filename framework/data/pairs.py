@@ -72,7 +72,8 @@ class PairDecoder:
         if CAPTION_EXT not in sample:
             raise SampleError(f"no caption (.{CAPTION_EXT} member) in {sorted(sample)}")
         try:
-            caption = str(sample[CAPTION_EXT], "utf-8").strip()
+            caption = sample[CAPTION_EXT]
+            caption = (caption if isinstance(caption, str) else str(caption, "utf-8")).strip()
         except UnicodeDecodeError as exc:
             raise SampleError(f"caption is not UTF-8: {exc}") from None
         if not caption:
@@ -110,6 +111,8 @@ class PairsDataModule(ShardDataMixin, LightningDataModule):
 
     ``batch_size`` is the objective's: CLIP takes a whole accumulated batch per step and splits
     it itself, so that every micro-batch's negatives include all the others."""
+
+    row_modality = "pairs"
 
     def __init__(self, data: DataConfig, seed: int, captions: CaptionEncoder, batch_size: int) -> None:
         super().__init__()

@@ -1,7 +1,9 @@
 """Resolve a shard spec from the config into shards, count their samples, open them.
 
 A spec is a string or a list. A string is a directory of ``.tar`` shards (or ``.tar.gz``,
-``.tgz``; its ``manifest.json`` supplies per-shard sample counts), a shard file, a brace pattern
+``.tgz``; its ``manifest.json`` supplies per-shard sample counts) or of row files (``.parquet``,
+``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``: each cut into units, one ``Shard`` per unit, see
+framework/data/formats/), a shard or row file, a brace pattern
 (``shards-{000000..000099}.tar``), a glob, or a URL: ``http(s)://``, ``s3://``, ``gs://``
 (any fsspec protocol) or ``pipe:<command writing the shard to stdout>``. A list may mix
 these, or hold sources with weights for resampled mode:
@@ -19,15 +21,16 @@ import os
 import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, BinaryIO, List, Optional, Tuple
+from typing import Any, BinaryIO, Iterator, List, Optional, Tuple
 
 from braceexpand import braceexpand
 
 from framework.data.cache import ShardCache
 from framework.data.compressed import GZIP_MAGIC, SHARD_SUFFIXES, GzipStream, is_gzip_name
 from framework.data.faults import report_fault
+from framework.data.formats import ROW_SUFFIXES, RowFields, file_units, is_row_file, open_rows, with_defaults
 from framework.data.manifest import read_manifest
-from framework.data.tar import TarFormatError, iter_members, split_name
+from framework.data.tar import TarFormatError, iter_members, iter_samples, skip_samples, split_name
 from framework.errors import DataError
 
 # Reads larger than the buffer bypass it (one copy for big members); small members
@@ -41,6 +44,8 @@ class Shard:
     url: str
     samples: Optional[int] = None  # from the manifest, or counted
     fault: Optional[str] = None  # why planning found it unusable (data.on_error=skip); samples then counts what precedes the damage
+    rows: Optional[Tuple[int, int, int]] = None  # a row file's unit: (first row, end row, row group or seek point)
+    fields: Optional[RowFields] = None  # a row file's columns, as the modality reads them
 
 
 def is_remote(url: str) -> bool:
@@ -48,38 +53,65 @@ def is_remote(url: str) -> bool:
 
 
 def _shard_files(directory: Path) -> List[Path]:
-    return sorted(p for suffix in SHARD_SUFFIXES for p in directory.glob(f"*{suffix}"))
+    return sorted({p for suffix in (*SHARD_SUFFIXES, *ROW_SUFFIXES) for p in directory.glob(f"*{suffix}")})
 
 
-def _from_directory(directory: Path, key: str) -> List[Shard]:
+def _from_directory(directory: Path, key: str) -> List[Shard | str]:
     manifest = read_manifest(directory)
     if manifest is not None:
         # Listed shards that are missing are planning faults (see check_shards), not errors here.
         return [Shard(str(directory / s["path"]), int(s["samples"])) for s in manifest["shards"]]
-    tars = _shard_files(directory)
-    if not tars:
-        raise DataError(f"{key}: no shards (*.tar, *.tar.gz, *.tgz) in directory {directory}")
-    return [Shard(str(p)) for p in tars]
+    files = _shard_files(directory)
+    if not files:
+        raise DataError(f"{key}: no shards (*.tar, *.tar.gz, *.tgz) or row files (*{', *'.join(ROW_SUFFIXES)}) in "
+                        f"directory {directory}")
+    return [str(p) for p in files]
 
 
-def _expand(item: str, key: str) -> List[Shard]:
+def _row_units(url: str, fields: Optional[RowFields]) -> List[Shard]:
+    """A row file as one shard per unit; a damaged file as one faulty shard (a planning fault)."""
+    fields = with_defaults(fields)
+    try:
+        units = file_units(url, fields)
+    except FileNotFoundError:
+        return [Shard(url, 0, "shard not found", (0, 0, 0), fields)]
+    except TarFormatError as exc:
+        return [Shard(url, 0, str(exc), (0, 0, 0), fields)]
+    return [Shard(url, u.stop - u.start, u.fault, (u.start, u.stop, u.group), fields) for u in units]
+
+
+def _expand(item: str, key: str, fields: Optional[RowFields] = None) -> List[Shard]:
     if is_remote(item):
+        if is_row_file(item):
+            raise DataError(f"{key}: {item}: row files (Parquet, JSON Lines) are read from a local or mounted file "
+                            "system; copy them there, or convert them to tar shards (`pretrain shards ... --input`)")
         return [Shard(url) for url in braceexpand(item)]
     path = Path(item).expanduser()
     if path.is_dir():
-        return _from_directory(path, key)
-    if "{" in item:
-        return [Shard(p) for p in braceexpand(str(path))]
-    if any(c in item for c in "*?["):
-        matches = sorted(glob.glob(str(path), recursive=True))
-        if not matches:
+        found = _from_directory(path, key)
+    elif "{" in item:
+        found = list(braceexpand(str(path)))
+    elif any(c in item for c in "*?["):
+        found = sorted(glob.glob(str(path), recursive=True))
+        if not found:
             raise DataError(f"{key}: glob {item!r} matches no shard")
-        return [Shard(p) for p in matches]
-    return [Shard(str(path))]
+    else:
+        found = [str(path)]
+    shards: List[Shard] = []
+    for entry in found:
+        if isinstance(entry, Shard):
+            shards.append(entry)
+        elif is_row_file(entry):
+            shards.extend(_row_units(entry, fields))
+        else:
+            shards.append(Shard(entry))
+    return shards
 
 
-def resolve_sources(spec: Any, key: str = "data.train") -> Tuple[List[Shard], List[Tuple[int, int]], List[float]]:
-    """(all shards, [first, last) shard range of each source, weight of each source)."""
+def resolve_sources(spec: Any, key: str = "data.train", fields: Optional[RowFields] = None
+                    ) -> Tuple[List[Shard], List[Tuple[int, int]], List[float]]:
+    """(all shards, [first, last) shard range of each source, weight of each source). Row
+    files become one shard per unit, read with ``fields`` (default: a ``text`` column)."""
     if spec is None or spec == "" or (isinstance(spec, (list, tuple)) and len(spec) == 0):
         raise DataError(f"{key} is empty: give a directory of .tar shards, a .tar file, a brace pattern, a glob or a URL")
     items = [spec] if isinstance(spec, (str, dict)) or hasattr(spec, "keys") else list(spec)
@@ -89,7 +121,7 @@ def resolve_sources(spec: Any, key: str = "data.train") -> Tuple[List[Shard], Li
     plain: List[Shard] = []
     for number, item in enumerate(items):
         if isinstance(item, str) and item:
-            plain.extend(_expand(item, key))
+            plain.extend(_expand(item, key, fields))
             continue
         if hasattr(item, "keys"):
             unknown = set(item.keys()) - {"shards", "weight", "name"}
@@ -98,7 +130,7 @@ def resolve_sources(spec: Any, key: str = "data.train") -> Tuple[List[Shard], Li
             weight = float(item.get("weight", 1.0))
             if not weight > 0:
                 raise DataError(f"{key}[{number}].weight must be positive, not {weight}")
-            source, _, _ = resolve_sources(item["shards"], f"{key}[{number}].shards")
+            source, _, _ = resolve_sources(item["shards"], f"{key}[{number}].shards", fields)
             ranges.append((len(shards), len(shards) + len(source)))
             weights.append(weight)
             shards.extend(source)
@@ -116,9 +148,9 @@ def resolve_sources(spec: Any, key: str = "data.train") -> Tuple[List[Shard], Li
     return shards, ranges, weights
 
 
-def resolve_shards(spec: Any, key: str = "data.train") -> List[Shard]:
+def resolve_shards(spec: Any, key: str = "data.train", fields: Optional[RowFields] = None) -> List[Shard]:
     """Expand ``spec`` into shards (see ``check_shards`` for what is checked in them)."""
-    return resolve_sources(spec, key)[0]
+    return resolve_sources(spec, key, fields)[0]
 
 
 def open_shard(url: str, offset: int = 0, cache: "Optional[ShardCache]" = None, zero_copy: bool = False) -> BinaryIO:
@@ -147,6 +179,48 @@ def open_shard(url: str, offset: int = 0, cache: "Optional[ShardCache]" = None, 
         stream.close()
         return MappedShard(path, offset)
     return _positioned(stream, offset)
+
+
+class TarReader:
+    """A tar shard's samples from a byte offset: what ``open_reader`` gives for tar shards."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+
+    def skip(self, count: int, offset: int = 0) -> int:
+        """Past ``count`` samples from ``offset`` (headers only); the offset reached."""
+        return skip_samples(self.stream, count, offset)
+
+    def seek(self, offset: int) -> None:
+        self.stream.seek(offset)
+
+    def samples(self, offset: int = 0) -> Iterator[Tuple[str, Any, int]]:
+        """(key, sample, next offset) from ``offset``, where the stream must be."""
+        return iter_samples(self.stream, offset)
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def __enter__(self) -> "TarReader":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+
+def open_reader(shard: Shard, offset: int = 0, cache: "Optional[ShardCache]" = None, zero_copy: bool = False) -> Any:
+    """A reader of ``shard``'s samples (``skip``, ``seek``, ``samples(offset)``, a context
+    manager): a tar shard at byte ``offset``; a row file's unit, whose offsets count its rows."""
+    if shard.rows is not None:
+        return open_rows(shard.url, with_defaults(shard.fields), shard.rows)
+    return TarReader(open_shard(shard.url, offset, cache, zero_copy))
+
+
+def iter_shard(shard: Shard) -> Iterator[Tuple[str, Any]]:
+    """Every (key, sample) of a shard, in order: for commands that read whole shards."""
+    with open_reader(shard) as reader:
+        for key, sample, _ in reader.samples(0):
+            yield key, sample
 
 
 def announce_commands(shards: List[Shard], key: str) -> None:
@@ -359,6 +433,11 @@ def check_shards(shards: List[Shard], on_error: str = "raise", count: bool = Tru
     checked: List[Shard] = []
     for shard in shards:
         fault = None
+        if shard.rows is not None:  # a row file's unit: counted from its footer or index when resolved
+            if shard.fault is not None:
+                report_fault(f"shard {shard.url}", shard.fault, on_error, announce)
+            checked.append(shard)
+            continue
         if is_remote(shard.url) or (shard.samples is not None and on_error != "raise"):
             checked.append(shard)
             continue

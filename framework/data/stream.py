@@ -1,4 +1,5 @@
-"""A resumable stream of training items from tar shards, one per rank and dataloader worker.
+"""A resumable stream of training items from shards (tar, or units of row files: Parquet, JSON
+Lines), one per rank and dataloader worker.
 
 What a reader reads comes from ``plan`` (epoch mode: a range of the epoch's shuffled
 sample sequence; resampled mode: an endless series of weighted shard draws). Raw samples
@@ -33,8 +34,8 @@ from framework.data.elastic import elastic_plan_state, legacy_elastic_sequence
 from framework.data.plan import EpochPlan, ReaderPlan, Segment, Sources, epoch_plan, resampled_draw
 from framework.data.cache import ShardCache
 from framework.data.faults import ON_ERROR, report_fault
-from framework.data.sources import Shard, open_shard
-from framework.data.tar import Sample, TarFormatError, iter_samples, skip_samples
+from framework.data.sources import Shard, open_reader
+from framework.data.tar import Sample, TarFormatError
 from framework.errors import DataError, SampleError, SampleFiltered
 
 # read: samples read; skipped_*: faults under on_error=skip (skipped_shards includes those
@@ -389,7 +390,7 @@ class ShardStream(IterableDataset):
         remaining = len(segment) - state["consumed"]
         failure = None
         try:
-            stream = open_shard(url, state["offset"], self.cache, self.zero_copy)
+            stream = open_reader(self.shards[shard], state["offset"], self.cache, self.zero_copy)
         except (TarFormatError, OSError) as exc:
             self._fault(url, None, f"unreadable: {exc}", remaining if bounded else 0, shard=segment.start == 0)
             return
@@ -401,9 +402,9 @@ class ShardStream(IterableDataset):
             reading = True  # an exception while reading is a fault of the shard; while processing, not
             try:
                 if state["consumed"] == 0 and segment.start > 0:
-                    offset = state["offset"] = skip_samples(stream, segment.start, offset)  # headers only
+                    offset = state["offset"] = stream.skip(segment.start, offset)  # tar: headers only
                     own_range = True
-                samples = iter_samples(stream, offset)
+                samples = stream.samples(offset)
                 for key, sample, next_offset in samples if remaining > 0 else ():
                     reading = False
                     locator = (shard, first + state["consumed"], offset)
@@ -560,7 +561,7 @@ class ShardStream(IterableDataset):
         for shard, wanted in by_shard.items():
             url = self.shards[shard].url
             try:
-                with open_shard(url, 0, self.cache, self.zero_copy) as stream:
+                with open_reader(self.shards[shard], 0, self.cache, self.zero_copy) as stream:
                     for locator in sorted(wanted, key=lambda l: l[2]):
                         try:
                             stream.seek(locator[2])
@@ -574,12 +575,12 @@ class ShardStream(IterableDataset):
         return [found[locator] for locator in locators if locator in found]
 
     def _reread(self, locator: Locator) -> Tuple[Locator, str, Sample]:
-        with open_shard(self.shards[locator[0]].url, locator[2], self.cache, self.zero_copy) as stream:
+        with open_reader(self.shards[locator[0]], locator[2], self.cache, self.zero_copy) as stream:
             return self._sample_at(stream, locator)
 
     @staticmethod
     def _sample_at(stream: Any, locator: Locator) -> Tuple[Locator, str, Sample]:
-        key, sample, _ = next(iter_samples(stream, locator[2]))
+        key, sample, _ = next(stream.samples(locator[2]))
         return locator, key, sample
 
     def _fault(self, url: str, key: Optional[str], reason: str, lost: int = 1, shard: bool = False) -> None:

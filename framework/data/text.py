@@ -32,6 +32,8 @@ def sample_text(sample: Sample, key: str) -> str:
     data = sample.get(key)
     if data is None:
         raise SampleError(f"no .{key} member (members: {sorted(sample)})")
+    if isinstance(data, str):  # a row file's text column, decoded already
+        return data
     try:
         return str(data, "utf-8")
     except UnicodeDecodeError as exc:

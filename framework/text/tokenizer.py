@@ -13,12 +13,13 @@ from typing import Callable, Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from framework.data.compressed import SHARD_SUFFIXES
+from framework.data.formats import ROW_SUFFIXES
 from framework.data.faults import ON_ERROR, report_fault
 from framework.data.files import expand_inputs, file_progress, read_text_file
 from framework.data.manifest import MANIFEST_NAME
-from framework.data.sources import open_shard
-from framework.data.tar import TarFormatError, iter_samples
-from framework.errors import ConfigError, DataError
+from framework.data.sources import iter_shard, resolve_shards
+from framework.data.tar import TarFormatError
+from framework.errors import ConfigError, DataError, SampleError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,8 @@ _BYTE_ALPHABET = 256
 
 
 def _is_shard(path: Path) -> bool:
-    return path.name.lower().endswith(SHARD_SUFFIXES)
+    """A tar shard, or a row file (Parquet, JSON Lines: its ``text`` column is read)."""
+    return path.name.lower().endswith((*SHARD_SUFFIXES, *ROW_SUFFIXES))
 
 
 def _shard_files(directory: Path) -> list[Path]:
@@ -70,16 +72,25 @@ def _shard_texts(path: Path, on_error: str) -> Iterator[tuple[str, int]]:
     command under ``raise``, and is named and skipped under ``skip``."""
     found = 0
     try:
-        with open_shard(str(path)) as stream:
-            for key, sample, _ in iter_samples(stream):
-                data = sample.get("txt")
+        for shard in resolve_shards(str(path), "--input"):  # a tar shard, or a row file's units
+            if shard.fault is not None:
+                report_fault(f"shard {path}", shard.fault, on_error)
+            for key, sample in iter_shard(shard):
+                try:
+                    data = sample.get("txt")
+                except SampleError as err:  # a bad row of a row file
+                    report_fault(f"shard {path}, sample {key}", str(err), on_error)
+                    continue
                 if data is None:
                     continue
-                try:
-                    text = str(data, "utf-8")
-                except UnicodeDecodeError as err:
-                    report_fault(f"shard {path}, sample {key}", f"its .txt is not valid UTF-8 (byte {err.start})", on_error)
-                    continue
+                if isinstance(data, str):
+                    text = data
+                else:
+                    try:
+                        text = str(data, "utf-8")
+                    except UnicodeDecodeError as err:
+                        report_fault(f"shard {path}, sample {key}", f"its .txt is not valid UTF-8 (byte {err.start})", on_error)
+                        continue
                 found += 1
                 yield text, len(data)
     except (TarFormatError, OSError) as err:

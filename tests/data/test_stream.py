@@ -159,8 +159,9 @@ def test_resumed_text_loader_continues_exactly(text_corpus, zero_copy):
 
 def test_resume_seeks_instead_of_rereading(uneven_shards, monkeypatch):
     opened = []
-    real_open = stream_module.open_shard
-    monkeypatch.setattr(stream_module, "open_shard", lambda url, offset=0, *rest: opened.append(offset) or real_open(url, offset, *rest))
+    real_open = stream_module.open_reader
+    monkeypatch.setattr(stream_module, "open_reader",
+                        lambda shard, offset=0, *rest: opened.append(offset) or real_open(shard, offset, *rest))
     stream = stream_of(uneven_shards, shuffle_buffer=0)
     items = stream.reader_items(0, 1)
     for _ in range(50):
@@ -428,7 +429,7 @@ def test_shard_spec_errors(tmp_path):
     with pytest.raises(DataError, match="shard not found: .*nope.tar"):
         resolve_shards(str(tmp_path / "nope.tar"), "data.train")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match=r"no shards \(\*.tar, \*.tar.gz, \*.tgz\) in directory"):
+    with pytest.raises(DataError, match=r"no shards \(\*.tar, \*.tar.gz, \*.tgz\) or row files \(\*.parquet, .*\) in directory"):
         resolve_shards(str(tmp_path / "empty"))
     with pytest.raises(DataError, match="data.val is empty"):
         resolve_shards("", "data.val")

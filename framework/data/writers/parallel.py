@@ -76,7 +76,7 @@ class Skip:
     reason: str
 
 
-ProcessResult = Union[Skip, Iterable[Sample]]
+ProcessResult = Union[Skip, Iterable[Union[Sample, Skip]]]  # an item's samples may skip some of its rows
 
 
 class WriterCrashed(UserError):
@@ -217,7 +217,11 @@ def _write_chunk(task: _Task, progress: Callable[[int], None] | None = None) -> 
                 skipped.append([result.name, result.reason])
             else:
                 splits_hit: set[str] = set()
+                row_skips = len(skipped)
                 for sample in result:
+                    if isinstance(sample, Skip):  # one bad row of an item that gives many samples
+                        skipped.append([sample.name, sample.reason])
+                        continue
                     if sample.split not in split_dirs:
                         raise ValueError(f"sample {sample.key!r} names unknown split {sample.split!r}")
                     writer = writers.get(sample.split)
@@ -231,11 +235,14 @@ def _write_chunk(task: _Task, progress: Callable[[int], None] | None = None) -> 
                             shard_name=lambda k, c=task.chunk: _shard_name(task.prefix, c, k),
                             standalone=False,
                         )
+                    if writer.holds(sample.key):  # ids repeated across row files: named, not written twice
+                        skipped.append([sample.key, f"duplicate sample key in {writer.current_shard()}"])
+                        continue
                     writer.write(sample.key, sample.members)
                     splits_hit.add(sample.split)
                     for name, value in sample.stats.items():
                         stats[sample.split][name] = stats[sample.split].get(name, 0.0) + value
-                if not splits_hit:
+                if not splits_hit and len(skipped) == row_skips:
                     # A processor that returns nothing for an item must not lose it silently.
                     skipped.append([repr(item), "produced no samples"])
                 for name in splits_hit:

@@ -164,6 +164,13 @@ class ShardWriter:
         header = info.tobuf(_TAR_FORMAT, "utf-8", "surrogateescape")
         return len(header) + _round_up(len(data), tarfile.BLOCKSIZE)
 
+    def holds(self, key: str) -> bool:
+        """Whether the shard being written has a sample ``key`` already."""
+        return key in self._keys
+
+    def current_shard(self) -> str:
+        return self._shard_name(len(self.shards))
+
     def write(self, key: str, members: Mapping[str, bytes]) -> None:
         """Write one sample: tar members ``{key}.{ext}`` for each ``ext, data`` in ``members``."""
         if self.closed:

@@ -81,20 +81,18 @@ def embed_split(checkpoint: str | Path, spec: str, key: str, cache_dir: Path, ba
 def read_groups(spec: str, key: str, group_key: str, ids: np.ndarray) -> np.ndarray:
     """Each sample's json value of ``group_key`` (as text), in the order of ``ids``."""
     from framework.data.images import key_id
-    from framework.data.sources import open_shard, resolve_shards
-    from framework.data.tar import iter_samples
+    from framework.data.sources import iter_shard, resolve_shards
 
     values: Dict[int, str] = {}
     fields: set = set()
     for shard in resolve_shards(spec, key):
-        with open_shard(shard.url) as stream:
-            for sample_key, sample, _ in iter_samples(stream):
-                if "json" not in sample:
-                    continue
-                meta = json.loads(bytes(sample["json"]))
-                fields.update(meta)
-                if group_key in meta:
-                    values[key_id(sample_key)] = str(meta[group_key])
+        for sample_key, sample in iter_shard(shard):
+            if "json" not in sample:
+                continue
+            meta = json.loads(bytes(sample["json"]))
+            fields.update(meta)
+            if group_key in meta:
+                values[key_id(sample_key)] = str(meta[group_key])
     if not values:
         raise ConfigError(f"--group-key {group_key}: no sample of {key}={spec} has it in its json "
                           f"(fields there: {', '.join(sorted(fields)) or 'none'})")

@@ -48,14 +48,12 @@ class LabelIndex:
 
 def scan_labels(spec: Any, key: str) -> LabelIndex:
     from framework.data.images import key_id, sample_label
-    from framework.data.sources import open_shard, resolve_shards
-    from framework.data.tar import iter_samples
+    from framework.data.sources import iter_shard, resolve_shards
 
     labels, ids = [], []
     for shard in resolve_shards(spec, key):
-        with open_shard(shard.url) as stream:
-            for sample_key, sample, _ in iter_samples(stream):
-                labels.append(sample_label(sample)), ids.append(key_id(sample_key))
+        for sample_key, sample in iter_shard(shard):
+            labels.append(sample_label(sample)), ids.append(key_id(sample_key))
     labels_array = np.asarray(labels, dtype=np.int64)
     if not len(labels_array):
         raise DataError(f"{key}={spec}: no samples")
@@ -70,8 +68,7 @@ def write_subset(spec: Any, key: str, keep: np.ndarray, out: Path) -> str:
     an existing complete ``out`` is reused; concurrent writers each write a private copy and the
     first rename wins)."""
     from framework.data.images import key_id
-    from framework.data.sources import open_shard, resolve_shards
-    from framework.data.tar import iter_samples
+    from framework.data.sources import iter_shard, resolve_shards
     from framework.data.writers.shard_writer import ShardWriter
 
     if (out / "manifest.json").exists():
@@ -81,10 +78,10 @@ def write_subset(spec: Any, key: str, keep: np.ndarray, out: Path) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     with ShardWriter(tmp, modality="labelled", max_samples=1000, manifest_extra={"subset_of": str(spec)}) as writer:
         for shard in resolve_shards(spec, key):
-            with open_shard(shard.url) as stream:
-                for sample_key, sample, _ in iter_samples(stream):
-                    if key_id(sample_key) in wanted:
-                        writer.write(sample_key, {ext: bytes(data) for ext, data in sample.items()})
+            for sample_key, sample in iter_shard(shard):
+                if key_id(sample_key) in wanted:  # a row file's text comes decoded: written back as UTF-8
+                    writer.write(sample_key, {ext: data.encode() if isinstance(data, str) else bytes(data)
+                                              for ext, data in sample.items()})
     try:
         os.rename(tmp, out)
     except OSError:  # another rank's copy is in place
@@ -105,20 +102,18 @@ def check_decodes(spec: Any, key: str, modality: str, data: Any) -> None:
     """The first sample of ``spec`` must decode as the checkpoint's modality: one clear line
     instead of a run that skips every sample."""
     from framework.data.labelled import labelled_processor
-    from framework.data.sources import open_shard, resolve_shards
-    from framework.data.tar import iter_samples
+    from framework.data.sources import iter_shard, resolve_shards
     from framework.errors import SampleError
 
     processor, _ = labelled_processor(modality, data, 0, False)
     shard = resolve_shards(spec, key)[0]
-    with open_shard(shard.url) as stream:
-        for sample_key, sample, _ in iter_samples(stream):
-            try:
-                processor(sample_key, sample, shard.url)
-            except SampleError as exc:
-                raise DataError(f"{key}={spec}: sample {sample_key} of {shard.url} does not decode as {modality} "
-                                f"({exc}): the checkpoint is a {modality} model (are these shards of another modality?)") from None
-            return
+    for sample_key, sample in iter_shard(shard):
+        try:
+            processor(sample_key, sample, shard.url)
+        except SampleError as exc:
+            raise DataError(f"{key}={spec}: sample {sample_key} of {shard.url} does not decode as {modality} "
+                            f"({exc}): the checkpoint is a {modality} model (are these shards of another modality?)") from None
+        return
 
 
 def run_config(pretrained: Any, checkpoint: Path, train: str, val: str, num_classes: int, samples: int, seed: int,
