@@ -129,7 +129,11 @@ def image_facts(shards: List[Shard], key: str = "data.train", on_error: str = "s
         try:
             with open_reader(shard) as reader:
                 for sample_key, sample, _ in reader.samples(0):
-                    data = image_member(sample)
+                    try:
+                        data = image_member(sample)
+                    except SampleError as exc:  # a bad row of a row file
+                        report_fault(f"{key}: shard {shard.url}, sample {sample_key}", str(exc), on_error)
+                        continue
                     if data is None:
                         continue
                     try:

@@ -216,10 +216,16 @@ def open_reader(shard: Shard, offset: int = 0, cache: "Optional[ShardCache]" = N
     return TarReader(open_shard(shard.url, offset, cache, zero_copy))
 
 
-def iter_shard(shard: Shard) -> Iterator[Tuple[str, Any]]:
-    """Every (key, sample) of a shard, in order: for commands that read whole shards."""
+def iter_shard(shard: Shard, bad_rows: bool = False) -> Iterator[Tuple[str, Any]]:
+    """Every (key, sample) of a shard, in order: for commands that read whole shards. A row
+    file's bad rows are warned about and left out, unless ``bad_rows`` (the caller names them)."""
+    from framework.data.formats import BadRow
+
     with open_reader(shard) as reader:
         for key, sample, _ in reader.samples(0):
+            if isinstance(sample, BadRow) and not bad_rows:
+                report_fault(f"shard {shard.url}, sample {key}", sample.reason, "skip")
+                continue
             yield key, sample
 
 

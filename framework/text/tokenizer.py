@@ -75,7 +75,7 @@ def _shard_texts(path: Path, on_error: str) -> Iterator[tuple[str, int]]:
         for shard in resolve_shards(str(path), "--input"):  # a tar shard, or a row file's units
             if shard.fault is not None:
                 report_fault(f"shard {path}", shard.fault, on_error)
-            for key, sample in iter_shard(shard):
+            for key, sample in iter_shard(shard, bad_rows=True):  # named under on_error below
                 try:
                     data = sample.get("txt")
                 except SampleError as err:  # a bad row of a row file

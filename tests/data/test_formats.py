@@ -129,7 +129,7 @@ def test_every_document_once_with_equal_batches_per_rank(corpora, name):
     assert {x.split()[0] for x in everything} <= {f"doc{i:05d}" for i in range(DOCS)}
 
 
-@pytest.mark.parametrize("name", ["parquet", "jsonl.gz", "jsonl.zst", "mix"])
+@pytest.mark.parametrize("name", ["parquet", "jsonl", "jsonl.gz", "jsonl.zst", "mix"])
 def test_resume_at_many_points_gives_the_uninterrupted_batches(corpora, name):
     spec = [str(corpora["parquet"]), str(corpora["tar"])] if name == "mix" else str(corpora[name])
     reference = list(itertools.islice(iter(loader(spec)), 200))  # 800 samples: into a second epoch
@@ -230,6 +230,18 @@ def test_hugging_face_image_and_audio_parquet_decode(tmp_path):
     decoded = [decoder(key, sample, "img")[0] for shard in resolve_shards(data.train, fields=row_fields(data, "image"))
                for key, sample in iter_shard(shard)]
     assert [int(d[0][0, 0, 0]) for d in decoded] == [i * 40 for i in range(6)] and [d[1] for d in decoded] == list(range(6))
+    # the same file trains SimCLR: image size and channels read from its first image, probes on its labels
+    from run_helpers import REPO, metric_rows, run_cli
+
+    run = tmp_path / "run"
+    run_cli(["fit", "--config", str(REPO / "configs/experiments/simclr-digits.yaml"), f"data.train={tmp_path / 'img.parquet'}",
+             f"data.val={tmp_path / 'img.parquet'}", "data.image_size=0", "data.channels=0", "data.batch_size=2",
+             "data.num_workers=0", "model.layers=[1,1]", "model.widths=[8,16]", "objective.proj_hidden_dim=16",
+             "objective.proj_dim=8", "trainer.max_steps=2", "trainer.val_every_steps=2", "trainer.log_every_steps=1",
+             "trainer.checkpoint_every_steps=2", "logging.wandb=disabled", f"run.dir={run}"])
+    rows = metric_rows(run)
+    assert sum("train/loss" in r for r in rows) == 2 and any("val/loss" in r for r in rows)
+    assert "image_size: 8" in (run / "config.yaml").read_text()
 
     clips = []
     for i in range(4):
@@ -415,3 +427,23 @@ def test_row_files_convert_to_shards(corpora, tmp_path):
     got = {key: decoder(key, s, "")[0] for shard in resolve_shards(str(tmp_path / "img")) for key, s in iter_shard(shard)}
     assert sorted(got) == ["n_0", "n_1", "n_2", "n_4"]  # '.' is not allowed in a tar key
     assert [int(got[k][0][0, 0, 0]) for k in sorted(got)] == [0, 50, 100, 200] and got["n_4"][1] == 4
+
+
+@pytest.mark.parametrize("extra", [None, ()])
+def test_null_and_empty_parquet_text_are_bad_samples(tmp_path, extra):
+    """Both ways a unit becomes samples (row by row with metadata, column-wise without) name the same rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from framework.data.sources import iter_shard
+
+    texts = ["one", None, "", "  \n", "five", b"\xff".decode("latin-1")]
+    pq.write_table(pa.table({"text": texts, "id": [f"r{i}" for i in range(6)]}), tmp_path / "t.parquet")
+    fields = RowFields((("text", TEXT),), required=True, extra=extra)
+    shards, _ = shards_of(str(tmp_path / "t.parquet"), fields)
+    stream = ShardStream(shards, RowText(), seed=0, endless=False, batch_size=1, shuffle_buffer=0)
+    items = list(stream.reader_items(0, 1))  # a bad sample's place is taken by a repeat of a good one
+    assert len(items) == 6 and set(items) == {"one", "five", "ÿ"}
+    assert stream.counters["skipped_samples"] == 3 and stream.counters["repeated_samples"] == 3
+    reasons = {key: sample.reason for key, sample in iter_shard(shards[0], bad_rows=True) if not isinstance(sample, dict)}
+    assert reasons == {"r1": "column 'text' is null", "r2": "column 'text' is empty", "r3": "column 'text' is empty"}

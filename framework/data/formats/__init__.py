@@ -6,7 +6,7 @@ a JSON Lines stretch between two seek points of its index (``pretrain data index
 plan shuffles units like tar shards, and a unit's position is its row number: a resumed
 stream reads from that row of that unit, never from the file's start.
 
-A row becomes a sample with the members the decoders know (``RowSample``): the text column
+A row becomes a sample with the members the decoders know (``row_sample``): the text column
 (``data.text_key``) as ``txt``, the image or audio column (``data.image_key``/``audio_key``: raw
 bytes or Hugging Face's ``{bytes, path}`` struct) under its file extension, the caption
 (``data.caption_key``) as ``txt``, a ``label`` as ``cls``, and every other column in ``json``
@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import orjson
 
 from framework.data.tar import TarFormatError
 from framework.errors import SampleError
@@ -89,81 +91,111 @@ def _extension(value: bytes, path: Optional[str], magic: Tuple[Tuple[bytes, str]
     return default
 
 
-class RowSample(Mapping):
-    """One row as a sample's members, converted when a decoder first looks (a bad row raises
-    ``SampleError`` there, inside the decoder's call, where the stream counts bad samples)."""
+def row_sample(row: Optional[Dict[str, Any]], fields: RowFields, error: Optional[str] = None) -> Mapping:
+    """One row as a sample's members (``txt``, the media under their extensions, ``cls``, ``json``).
+    A bad row (``error``: not JSON, not UTF-8; or a null, empty or missing column) becomes a
+    ``BadRow``, which raises ``SampleError`` when a decoder looks at it: inside the decoder's
+    call, where the stream counts bad samples under ``data.on_error``."""
+    if error is not None:
+        return BadRow(error)
+    try:
+        return _members(row, fields)
+    except SampleError as exc:
+        return BadRow(str(exc))
 
-    __slots__ = ("_row", "_fields", "_error", "_members")
 
-    def __init__(self, row: Optional[Dict[str, Any]], fields: RowFields, error: Optional[str] = None) -> None:
-        self._row, self._fields, self._error, self._members = row, fields, error, None
-
-    def _convert(self) -> Dict[str, Any]:
-        if self._error is not None:
-            raise SampleError(self._error)
-        row, fields = self._row, self._fields
-        members: Dict[str, Any] = {}
-        for column, role in fields.members:
-            if column not in row:
-                if not fields.required:
-                    continue
-                raise SampleError(f"no column {column!r} (the row has: {', '.join(sorted(map(str, row)))})")
-            value = row[column]
-            if value is None:
-                raise SampleError(f"column {column!r} is null")
-            if role == TEXT:
-                if isinstance(value, (bytes, bytearray, memoryview)):
-                    try:
-                        value = str(value, "utf-8")
-                    except UnicodeDecodeError as exc:
-                        raise SampleError(f"column {column!r} is not UTF-8 text: {exc}") from None
-                if not isinstance(value, str):
-                    raise SampleError(f"column {column!r} holds {type(value).__name__}, not text")
-                if not value.strip():
-                    raise SampleError(f"column {column!r} is empty")
-                members[TEXT] = value
+def _members(row: Dict[str, Any], fields: RowFields) -> Dict[str, Any]:
+    members: Dict[str, Any] = {}
+    for column, role in fields.members:
+        if column not in row:
+            if not fields.required:
                 continue
-            path = None
-            if isinstance(value, dict):  # Hugging Face's Image()/Audio() struct
-                path, value = value.get("path"), value.get("bytes")
-                if value is None:
-                    raise SampleError(f"column {column!r} holds a path ({path}) but no bytes: the files were not embedded "
-                                      "(save with embed_external_files, or convert the dataset with its files)")
-            if not isinstance(value, (bytes, bytearray, memoryview)):
-                raise SampleError(f"column {column!r} holds {type(value).__name__}, not encoded bytes")
-            if role == IMAGE:
-                members[_extension(value, path, _IMAGE_MAGIC, "png")] = value
-            else:
-                members[_extension(value, path, _AUDIO_MAGIC, "wav")] = value
-        label = row.get(fields.label_key)
-        if isinstance(label, int) and not isinstance(label, bool):
-            members["cls"] = str(label).encode()
-        used = {column for column, _ in fields.members}
-        keep = fields.extra
-        metadata = {k: v for k, v in row.items() if k not in used and (keep is None or k in keep)
-                    and not isinstance(v, (bytes, bytearray, memoryview, dict))}
-        if metadata:
-            import orjson
-
-            members["json"] = orjson.dumps(metadata, default=str)
+            raise SampleError(f"no column {column!r} (the row has: {', '.join(sorted(map(str, row)))})")
+        value = row[column]
+        if value is None:
+            raise SampleError(f"column {column!r} is null")
+        if role == TEXT:
+            if isinstance(value, (bytes, bytearray, memoryview)):
+                try:
+                    value = str(value, "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise SampleError(f"column {column!r} is not UTF-8 text: {exc}") from None
+            if not isinstance(value, str):
+                raise SampleError(f"column {column!r} holds {type(value).__name__}, not text")
+            if not value or value.isspace():  # isspace stops at the first other character: no copy
+                raise SampleError(f"column {column!r} is empty")
+            members[TEXT] = value
+            continue
+        path = None
+        if isinstance(value, dict):  # Hugging Face's Image()/Audio() struct
+            path, value = value.get("path"), value.get("bytes")
+            if value is None:
+                raise SampleError(f"column {column!r} holds a path ({path}) but no bytes: the files were not embedded "
+                                  "(save with embed_external_files, or convert the dataset with its files)")
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise SampleError(f"column {column!r} holds {type(value).__name__}, not encoded bytes")
+        if role == IMAGE:
+            members[_extension(value, path, _IMAGE_MAGIC, "png")] = value
+        else:
+            members[_extension(value, path, _AUDIO_MAGIC, "wav")] = value
+    label = row.get(fields.label_key)
+    if isinstance(label, int) and not isinstance(label, bool):
+        members["cls"] = str(label).encode()
+    keep = fields.extra
+    if keep == ():  # no metadata wanted: nothing to look through
         return members
+    used = {column for column, _ in fields.members}
+    # Encoded media (bytes, or another {bytes, path} struct) is not metadata.
+    metadata = {k: v for k, v in row.items() if k not in used and (keep is None or k in keep)
+                and not isinstance(v, (bytes, bytearray, memoryview)) and not (isinstance(v, dict) and "bytes" in v)}
+    if metadata:
+        members["json"] = orjson.dumps(metadata, default=str)
+    return members
 
-    def _ensure(self) -> Dict[str, Any]:
-        if self._members is None:
-            self._members = self._convert()
-        return self._members
+
+def column_samples(columns: Dict[str, list], fields: RowFields, stem: str, first: int) -> List[Tuple[str, Mapping]]:
+    """(key, sample) of every row of a unit read column by column (Parquet): the same samples
+    as ``row_sample`` row by row, built a column at a time where rows are sound (text that is
+    a non-empty string: no per-row function call); any other row goes through ``row_sample``."""
+    count = len(next(iter(columns.values()))) if columns else 0
+    ids = columns.get(fields.id_key)
+    keys = ([str(v) if v is not None and not isinstance(v, (dict, list, bytes)) else f"{stem}:{first + i}"
+             for i, v in enumerate(ids)] if ids is not None else [f"{stem}:{first + i}" for i in range(count)])
+    texts = [(column, columns[column]) for column, role in fields.members if role == TEXT and column in columns]
+    simple = (len(texts) == len(fields.members) == 1 and fields.extra == ()
+              and fields.label_key not in columns)
+    if not simple:
+        names = list(columns)
+        return [(key, row_sample(dict(zip(names, values)), fields)) for key, values in zip(keys, zip(*columns.values()))]
+    column, values = texts[0]
+    samples: List[Tuple[str, Mapping]] = []
+    for i, (key, text) in enumerate(zip(keys, values)):
+        if type(text) is str and text and not text.isspace():
+            samples.append((key, {TEXT: text}))
+        else:  # null, empty or not text: the row-by-row path names what is wrong
+            samples.append((key, row_sample({name: columns[name][i] for name in columns}, fields)))
+    return samples
+
+
+class BadRow(Mapping):
+    """A row that cannot be a sample: any look at its members raises ``SampleError(reason)``."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
     def __getitem__(self, key: str) -> Any:
-        return self._ensure()[key]
+        raise SampleError(self.reason)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._ensure())
+        raise SampleError(self.reason)
 
     def __len__(self) -> int:
-        return len(self._ensure())
+        raise SampleError(self.reason)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._ensure()
+        raise SampleError(self.reason)
 
 
 def row_key(row: Optional[Dict[str, Any]], fields: RowFields, stem: str, number: int) -> str:
@@ -192,6 +224,27 @@ class Unit:
     stop: int
     group: int = 0  # Parquet row group, or JSON Lines seek point number
     fault: Optional[str] = None  # damage found when indexing: the unit holds the rows before it
+
+
+class UnitPositions:
+    """What a unit reader shares (mixed into the Parquet and JSON Lines readers): offsets count
+    rows within the unit, so skipping is arithmetic and ``samples(offset)`` finds any row; a
+    reader is a context manager whose ``close`` drops the unit it holds."""
+
+    def skip(self, count: int, offset: int = 0) -> int:
+        return offset + count
+
+    def seek(self, offset: int) -> None:
+        """Nothing to do: ``samples(offset)`` finds any row of the unit itself."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
 
 
 def file_units(url: str, fields: RowFields) -> List[Unit]:

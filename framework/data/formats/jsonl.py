@@ -2,8 +2,9 @@
 
 ``pretrain data index DIR`` reads each file once and writes, in ``DIR/.pretrain-index/``,
 ``<file>.json``: its size and mtime (an index that no longer matches its file is refused),
-line count, the keys of its first row, and seek points (line number, offset) about every
-``rows_per_point`` lines: byte offsets for plain files, uncompressed offsets for gzip (whose
+line count, the keys of its first row, and seek points (line number, offset, uncompressed
+offset) about every ``rows_per_point`` lines: offsets are byte offsets for plain files,
+uncompressed offsets for gzip (whose
 access points, each with its 32 KiB window, go to ``<file>.gzidx``, written by
 ``indexed_gzip``: a zran index), compressed offsets of frame starts for zstd (a file written
 as one frame has one seek point: write zstd in frames, as ``zstd --block-size`` or Dolma's
@@ -15,7 +16,6 @@ carries the fault, and ``data.on_error`` decides whether a run reads the lines b
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import zlib
@@ -23,7 +23,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from framework.data.formats import RowFields, RowFormatError, RowSample, Unit, file_stem, row_key
+import orjson
+
+from framework.data.formats import RowFields, RowFormatError, Unit, UnitPositions, file_stem, row_key, row_sample
 from framework.errors import DataError
 
 INDEX_DIR = ".pretrain-index"
@@ -54,7 +56,7 @@ class _LineCounter:
 
     def __init__(self, every: int) -> None:
         self.every, self.lines, self.offset, self.at_line_start = every, 0, 0, True
-        self.points: List[List[int]] = [[0, 0]]
+        self.points: List[List[int]] = [[0, 0, 0]]
         self.keys: Optional[List[str]] = None
         self._first = b""
 
@@ -72,7 +74,7 @@ class _LineCounter:
             self.lines += 1
             start = newline + 1
             if point_offsets and self.lines - self.points[-1][0] >= self.every:
-                self.points.append([self.lines, self.offset + start])
+                self.points.append([self.lines, self.offset + start, self.offset + start])
         self.offset += len(data)
         self.at_line_start = data.endswith(b"\n") if data else self.at_line_start
 
@@ -143,7 +145,7 @@ def _index_zstd(path: str, counter: _LineCounter) -> Optional[str]:
                     frame_start = fed + len(chunk) - len(rest)
                     fed = frame_start
                     if counter.at_line_start and counter.lines - counter.points[-1][0] >= counter.every:
-                        counter.points.append([counter.lines, frame_start])
+                        counter.points.append([counter.lines, frame_start, counter.offset])
                     inflate = context.decompressobj()
                     chunk = rest or stream.read(_CHUNK)
                     continue
@@ -168,9 +170,10 @@ def index_file(path: str | Path, rows_per_point: int = ROWS_PER_POINT) -> Dict[s
              else _index_plain(path, counter))
     if fault is None:
         counter.finish()
-    points = [p for p in counter.points if p[0] < counter.lines] or [[0, 0]]
+    points = [p for p in counter.points if p[0] < counter.lines] or [[0, 0, 0]]
     record = {"format": INDEX_FORMAT, "file": Path(path).name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-              "compression": kind, "lines": counter.lines, "keys": counter.keys or [], "points": points, "fault": fault}
+              "compression": kind, "lines": counter.lines, "bytes": counter.offset, "keys": counter.keys or [],
+              "points": points, "fault": fault}
     tmp = index.with_name(index.name + ".tmp")
     tmp.write_text(json.dumps(record))
     os.replace(tmp, index)
@@ -272,7 +275,7 @@ def jsonl_units(url: str, fields: RowFields) -> List[Unit]:
         raise DataError(f"{url}: no key {missing[0]!r} in its rows; the first row has: {', '.join(keys)} (choose with "
                         "data.text_key, data.image_key, data.audio_key or data.caption_key)")
     points, lines = record["points"], record["lines"]
-    units = [Unit(line, points[i + 1][0] if i + 1 < len(points) else lines, i) for i, (line, _) in enumerate(points)]
+    units = [Unit(point[0], points[i + 1][0] if i + 1 < len(points) else lines, i) for i, point in enumerate(points)]
     units = [u for u in units if u.stop > u.start]
     if record["fault"] is not None:
         last = units[-1] if units else Unit(0, 0, 0)
@@ -283,98 +286,89 @@ def jsonl_units(url: str, fields: RowFields) -> List[Unit]:
 # ---------------------------------------------------------------- reading
 
 
-class JsonlUnitReader:
-    """Lines [start, stop) from seek point ``group``; ``samples(offset)`` from line start + offset.
-    Consecutive calls with growing offsets (re-reading a resumed shuffle buffer) keep reading on."""
+class JsonlUnitReader(UnitPositions):
+    """Lines [start, stop) from seek point ``group``, read in one go when first asked for (one
+    unit in memory, like a Parquet stretch); ``samples(offset)`` from line start + offset."""
 
     def __init__(self, url: str, fields: RowFields, start: int, stop: int, group: int) -> None:
         self.url, self.path, self.fields = url, url.removeprefix("file://"), fields
         self.start, self.stop, self.group = start, stop, group
         self._stem = file_stem(url)
-        self._stream: Optional[Any] = None
-        self._line = 0  # the next line the open stream gives, as an offset in the unit
+        self._lines: Optional[List[bytes]] = None
+        self._length: Optional[int] = None  # the unit's decompressed bytes, from the index (set by _open)
 
-    def _open(self) -> None:
-        self.close()
+    def _open(self) -> Any:
         record = _read_index(self.path)
-        line, offset = record["points"][self.group]
+        points = record["points"]
+        line, offset, decompressed = points[self.group]
+        # the unit's length in (decompressed) bytes: read in one call, no further
+        following = points[self.group + 1][2] if self.group + 1 < len(points) else record["bytes"]
+        self._length = following - decompressed if record["fault"] is None else None
         if line != self.start:
             raise DataError(f"{self.url}: seek point {self.group} is at line {line}, the plan expected {self.start}: "
                             f"the index changed since planning; index it again")
         kind = record["compression"]
+        if kind == "gzip":
+            import indexed_gzip
+
+            gzidx = index_paths(self.path)[1]  # absent for a damaged file: then built while seeking
+            stream = indexed_gzip.IndexedGzipFile(self.path, index_file=str(gzidx) if gzidx.is_file() else None)
+            stream.seek(offset)
+            return stream
+        raw = open(self.path, "rb")
+        raw.seek(offset)
+        if kind == "zstd":
+            import zstandard
+
+            return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
+        return raw
+
+    def _load(self) -> List[bytes]:
+        """The unit's lines (without their newlines): whole chunks read and split, not line by line."""
+        count, lines, tail = self.stop - self.start, [], b""
         try:
-            if kind == "gzip":
-                import indexed_gzip
-
-                gzidx = index_paths(self.path)[1]  # absent for a damaged file: then built while seeking
-                stream = indexed_gzip.IndexedGzipFile(self.path, index_file=str(gzidx) if gzidx.is_file() else None)
-                stream.seek(offset)
-            elif kind == "zstd":
-                import zstandard
-
-                raw = open(self.path, "rb")
-                raw.seek(offset)
-                stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
-                                                                                     closefd=True), _CHUNK)
-            else:
-                stream = open(self.path, "rb", buffering=_CHUNK)
-                stream.seek(offset)
-        except (OSError, ValueError) as exc:
-            raise RowFormatError(f"cannot open at seek point {self.group}: {exc}") from None
-        self._stream, self._line = stream, 0
+            with self._open() as stream:
+                while len(lines) < count:
+                    chunk = stream.read(self._length or _CHUNK)
+                    self._length = None  # (a read may return less: go on in chunks)
+                    if not chunk:
+                        if tail:
+                            lines.append(tail)  # the file's last line, without its newline
+                        break
+                    pieces = (tail + chunk).split(b"\n")
+                    tail = pieces.pop()
+                    lines.extend(pieces)
+        except DataError:
+            raise
+        except Exception as exc:  # OSError, zstandard.ZstdError, indexed_gzip's ZranError, zlib's errors
+            raise RowFormatError(f"reading from line {self.start + len(lines) + 1}: {exc}") from None
+        return lines[:count]  # fewer than indexed when the file ends early: the stream reports the shortfall
 
     def samples(self, offset: int = 0) -> Iterator[Tuple[str, Any, int]]:
-        import orjson
-
-        if self._stream is None or offset < self._line:
-            self._open()
-        stream, fields, stem, count = self._stream, self.fields, self._stem, self.stop - self.start
-        try:
-            while self._line < offset:  # at most one unit's lines
-                if not stream.readline():
-                    return
-                self._line += 1
-            while self._line < count:
-                line = stream.readline()
-                if not line:
-                    return  # fewer lines than indexed: the stream reports the shortfall
-                number = self.start + self._line
-                self._line += 1
-                row, error = None, None
-                try:
-                    row = orjson.loads(line)
-                    if not isinstance(row, dict):
-                        row, error = None, f"line {number + 1} is JSON {type(row).__name__}, not an object"
-                except orjson.JSONDecodeError as exc:
-                    if not line.strip():
-                        error = f"line {number + 1} is empty"
-                    else:
-                        try:
-                            line.decode("utf-8")
-                            error = f"line {number + 1} is not JSON: {exc}"
-                        except UnicodeDecodeError as bad:
-                            error = f"line {number + 1} is not UTF-8: {bad}"
-                yield row_key(row, fields, stem, number), RowSample(row, fields, error), self._line
-        except (OSError, EOFError, ValueError) as exc:
-            raise RowFormatError(f"line {self.start + self._line + 1}: {exc}") from None
-        except Exception as exc:  # zstandard.ZstdError, indexed_gzip's ZranError
-            if type(exc).__module__.split(".")[0] in ("zstandard", "indexed_gzip"):
-                raise RowFormatError(f"line {self.start + self._line + 1}: {exc}") from None
-            raise
-
-    def skip(self, count: int, offset: int = 0) -> int:
-        return offset + count
-
-    def seek(self, offset: int) -> None:
-        """Nothing to do: ``samples(offset)`` finds any row of the unit itself."""
+        if self._lines is None:
+            self._lines = self._load()
+        fields, stem, first = self.fields, self._stem, self.start
+        loads, decode_error = orjson.loads, orjson.JSONDecodeError
+        for index in range(offset, len(self._lines)):
+            line = self._lines[index]
+            row, error = None, None
+            try:
+                row = loads(line)
+                if type(row) is not dict:
+                    row, error = None, f"line {first + index + 1} is JSON {type(row).__name__}, not an object"
+            except decode_error as exc:
+                error = _line_error(line, first + index + 1, exc)
+            yield row_key(row, fields, stem, first + index), row_sample(row, fields, error), index + 1
 
     def close(self) -> None:
-        if self._stream is not None:
-            self._stream.close()
-            self._stream = None
+        self._lines = None
 
-    def __enter__(self) -> "JsonlUnitReader":
-        return self
 
-    def __exit__(self, *_: Any) -> None:
-        self.close()
+def _line_error(line: bytes, number: int, exc: Exception) -> str:
+    if not line.strip():
+        return f"line {number} is empty"
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return f"line {number} is not UTF-8: {bad}"
+    return f"line {number} is not JSON: {exc}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from framework.data.formats import RowFields, RowFormatError, RowSample, Unit, file_stem, row_key
+from framework.data.formats import RowFields, RowFormatError, Unit, UnitPositions, column_samples, file_stem
 from framework.errors import DataError
 
 
@@ -50,12 +50,12 @@ def parquet_units(url: str, fields: RowFields) -> List[Unit]:
     return units
 
 
-class ParquetUnitReader:
+class ParquetUnitReader(UnitPositions):
     """Rows [start, stop) of row group ``group``; ``samples(offset)`` from row start + offset."""
 
     def __init__(self, url: str, fields: RowFields, start: int, stop: int, group: int) -> None:
         self.url, self.fields, self.start, self.stop, self.group = url, fields, start, stop, group
-        self._rows: Optional[Dict[str, list]] = None
+        self._samples: Optional[List[Tuple[str, Any]]] = None  # the unit's rows as samples, once read
         self._stem = file_stem(url)
 
     def _load(self) -> Dict[str, list]:
@@ -89,25 +89,11 @@ class ParquetUnitReader:
             parquet.close()
 
     def samples(self, offset: int = 0) -> Iterator[Tuple[str, Any, int]]:
-        if self._rows is None:
-            self._rows = self._load()
-        rows, fields, stem, names = self._rows, self.fields, self._stem, list(self._rows)
-        columns = [rows[n] for n in names]
-        for index in range(offset, self.stop - self.start):
-            row = dict(zip(names, (column[index] for column in columns)))
-            yield row_key(row, fields, stem, self.start + index), RowSample(row, fields), index + 1
-
-    def skip(self, count: int, offset: int = 0) -> int:
-        return offset + count
-
-    def seek(self, offset: int) -> None:
-        """Nothing to do: ``samples(offset)`` finds any row of the unit itself."""
+        if self._samples is None:
+            self._samples = column_samples(self._load(), self.fields, self._stem, self.start)
+        for index in range(offset, len(self._samples)):
+            key, sample = self._samples[index]
+            yield key, sample, index + 1
 
     def close(self) -> None:
-        self._rows = None
-
-    def __enter__(self) -> "ParquetUnitReader":
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self.close()
+        self._samples = None

@@ -40,7 +40,7 @@ def _process_rows(item: RowItem, fields: RowFields) -> Iterator[Union[Sample, Sk
     from framework.data.sources import Shard, iter_shard
 
     seen: Dict[str, int] = {}
-    for key, sample in iter_shard(Shard(item.url, item.rows[1] - item.rows[0], None, item.rows, fields)):
+    for key, sample in iter_shard(Shard(item.url, item.rows[1] - item.rows[0], None, item.rows, fields), bad_rows=True):
         try:
             members = {ext: value.encode() if isinstance(value, str) else bytes(value) for ext, value in sample.items()}
         except SampleError as exc:
