@@ -20,7 +20,9 @@ compressed with zstd in frames of 256 lines (id, text, source, added, created, m
          of 5), ours (``load_state_dict`` of the loader, one worker) against HF's
          ``IterableDataset.load_state_dict``;
   RSS    peak resident memory: our DataLoader worker, HF's process, and the same Python with
-         the imports and nothing read (the floor both sit on).
+         the imports and nothing read (the floor both sit on);
+  shuffle how mixed our batches are, measured the same way on the Parquet files and on the
+         same rows as tar shards of 1,024 (written by ``pretrain shards text --input``).
 """
 from __future__ import annotations
 
@@ -254,6 +256,45 @@ def resume(kind: str, workdir: Path, fraction: float, repeats: int = 5) -> dict:
     return {"ours_s": statistics.median(ours), "hf_s": statistics.median(hf)}
 
 
+def tar_copy(workdir: Path) -> Path:
+    """The Parquet corpus as tar shards of 1,024 samples (``pretrain shards text --input``)."""
+    from framework.data.writers.rows import row_fields_for, write_row_shards
+
+    out = workdir / "tar"
+    if not (out / "manifest.json").exists():
+        write_row_shards([str(workdir / "parquet")], str(out), "text", fields=row_fields_for("text"),
+                         max_samples_per_shard=ROW_GROUP, workers=2)
+    return out
+
+
+def shuffle_quality(workdir: Path, buffer: int, batches: int = 300) -> dict:
+    """How mixed batches are, the same way for tar shards and Parquet: the mean number of
+    distinct neighbourhoods (1,024 consecutive documents of the original order) in a batch
+    of 32, over the first ``batches`` batches after the buffer filled; 32 is fully mixed, 1 is
+    one row group's neighbours. A worker mixes the units its shuffle buffer spans."""
+    import re
+
+    from framework.data.formats import TEXT, RowFields
+    from framework.data.sources import resolve_shards, with_counts
+    from framework.data.stream import ShardStream
+
+    class Key(Text):
+        def __call__(self, key, sample, shard):
+            copy, number = map(int, re.findall(r"\d+", key)[:2])
+            return [(copy, number)]
+
+    per_copy = json.loads((workdir / "corpus.json").read_text())["documents"]
+    fields = RowFields((("text", TEXT),), extra=(), required=True, max_rows_per_read=ROW_GROUP)
+    result = {}
+    for name, spec in (("tar", tar_copy(workdir)), ("parquet", workdir / "parquet")):
+        stream = ShardStream(with_counts(resolve_shards(str(spec), "data.train", fields)), Key(), seed=0,
+                             batch_size=BATCH, shuffle_buffer=buffer, endless=False)
+        items = list(itertools.islice(stream.reader_items(0, 1), buffer, buffer + batches * BATCH))
+        hoods = [(copy * per_copy + number) // ROW_GROUP for copy, number in items]
+        result[name] = sum(len(set(hoods[i : i + BATCH])) for i in range(0, len(hoods), BATCH)) / batches
+    return result
+
+
 def in_fresh_process(what: str, kind: str, workdir: Path) -> dict:
     result = subprocess.run([sys.executable, __file__, "--workdir", str(workdir), "--measure", what, kind],
                             capture_output=True, text=True)
@@ -299,6 +340,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  peak RSS: our DataLoader worker {runs['ours-worker']['worker_rss_mb']:.0f} MB, HF's "
               f"{runs['hf-worker']['worker_rss_mb']:.0f} MB; in one process ours {runs['ours']['rss_mb']:.0f} MB, HF "
               f"{runs['hf']['rss_mb']:.0f} MB (the imports alone: {floor['rss_mb']:.0f} MB)")
+    print(f"\nshuffle quality: distinct neighbourhoods (1,024 consecutive documents) per batch of {BATCH}, of {BATCH} "
+          "at most; tar shards of 1,024 samples vs Parquet row groups of 1,024 rows")
+    results["shuffle"] = {}
+    for buffer in (1000, 8192):
+        mixed = results["shuffle"][buffer] = shuffle_quality(workdir, buffer)
+        print(f"  data.shuffle_buffer={buffer}: tar {mixed['tar']:.1f}, Parquet {mixed['parquet']:.1f}")
     return results
 
 
