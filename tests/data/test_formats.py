@@ -365,7 +365,7 @@ def test_a_parquet_fed_gpt_sees_the_tokens_of_a_tar_fed_one(text_corpus, tmp_pat
     pq.write_table(pa.Table.from_pylist(rows[:half]), tmp_path / "part-0.parquet", row_group_size=7)
     pq.write_table(pa.Table.from_pylist(rows[half:]), tmp_path / "part-1.parquet", row_group_size=11)
     common = ["--config", str(REPO / "configs/experiments/gpt-tiny.yaml"), f"data.tokenizer={text_corpus['tokenizer']}",
-              "data.seq_len=32", "data.batch_size=4", "data.num_workers=0", "trainer.devices=1"]
+              "data.val=null", "data.seq_len=32", "data.batch_size=4", "data.num_workers=0", "trainer.devices=1"]
     counts = {}
     for name, spec in (("tar", text_corpus["train"]), ("parquet", tmp_path)):
         output = run_cli(["data", "inspect", "--verify", *common, f"data.train={spec}"])
