@@ -149,6 +149,9 @@ class LoggingConfig:
     entity: Optional[str] = None
     run_name: Optional[str] = None
     progress: bool = True  # rich progress bar on rank 0 (plain lines when not a terminal)
+    # At every validation: RankMe, feature spread and (DINO) teacher entropy of one fixed
+    # validation batch's embeddings (health/*): a collapsing encoder shows there first.
+    health: bool = True
 
 
 @dataclass

@@ -46,6 +46,10 @@ class Objective(ValidationLosses, LightningModule):
         loss = next_token_loss(self.model.logits(self.model(tokens)), tokens)
         self.record_val_loss(loss, dataloader_idx, weight=tokens[:, 1:].numel())
 
+    def health_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A sequence's embedding for the representation-health monitor: its mean hidden state."""
+        return self.model(tokens).mean(dim=1)
+
     def configure_optimizers(self):
         return build_optimizer(self, self.cfg.optim, self.cfg.trainer.max_steps)
 

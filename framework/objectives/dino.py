@@ -145,6 +145,13 @@ class Objective(ValidationLosses, VisionObjectiveHooks, LightningModule):
         return loss
 
     @torch.no_grad()
+    def teacher_probabilities(self, batch: dict) -> torch.Tensor:
+        """The teacher's centred, sharpened distribution over prototypes for whole images (the
+        representation-health monitor's entropy: uniform and one-hot are DINO's two collapses)."""
+        logits = self.teacher_head(self.teacher_backbone(to_float_images(val_images(batch))))
+        return torch.softmax((logits - self.center) / self.teacher_temp(), dim=-1)
+
+    @torch.no_grad()
     def update_center(self, teacher: list[torch.Tensor]) -> None:
         """c <- m c + (1 - m) mean of the teacher outputs over the global batch (Eq. 4)."""
         m = self.cfg.objective.center_momentum

@@ -74,6 +74,10 @@ class Objective(ValidationLosses, LightningModule):
         """Class logits (B, num_classes) of a labelled batch."""
         return self.head(self.encoder(batch))
 
+    def health_features(self, batch: dict) -> torch.Tensor:
+        """The encoder's features, for the representation-health monitor."""
+        return self.encoder(batch)
+
     def _check_labels(self, labels: torch.Tensor) -> None:
         bad = (labels < 0) | (labels >= self.cfg.objective.num_classes)
         if bad.any():

@@ -73,6 +73,10 @@ class Objective(ValidationLosses, LightningModule):
         if targets:
             self.record_val_loss(loss, dataloader_idx, weight=targets)
 
+    def health_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A sequence's embedding for the representation-health monitor: its mean hidden state."""
+        return self.model(tokens).mean(dim=1)
+
     def configure_optimizers(self):
         return build_optimizer(self, self.cfg.optim, self.cfg.trainer.max_steps)
 

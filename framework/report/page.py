@@ -19,6 +19,7 @@ FIGURES = (
     ("Throughput", ("perf/samples_per_s", "perf/tokens_per_s")),
     ("MFU and data wait", ("perf/mfu", "perf/data_wait_frac")),
     ("Online probes and zero-shot", ("probe/", "zero_shot/", "retrieval/")),
+    ("Representation health (RankMe, feature spread, teacher entropy)", ("health/",)),
     ("Skipped, repeated and filtered samples", ("data/skipped_samples", "data/skipped_shards", "data/repeated_samples",
                                                 "data/filtered_samples")),
 )

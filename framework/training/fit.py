@@ -104,6 +104,10 @@ def build_trainer(cfg: RunConfig, extra_callbacks: List[Callback] = (), accumula
     # Checkpointing after the callbacks that log in on_train_batch_end: their metrics are in the
     # row it writes before committing a checkpoint.
     callbacks: List[Callback] = [Throughput(peak_flops=t.peak_flops), DataCounters(), *extra_callbacks, FinalStepRow(), checkpoints]
+    if cfg.logging.health and cfg.data.val:
+        from framework.evaluate.health import HealthMonitor
+
+        callbacks.insert(2, HealthMonitor())  # before FinalStepRow and checkpoints: its figures join the step's row
     callbacks.append(Preemption(run_dir))  # SIGUSR1/SIGTERM: checkpoint at the next step, requeue under Slurm
     if cfg.logging.progress:
         callbacks.append(ProgressDisplay(every=max(t.log_every_steps, 1)))

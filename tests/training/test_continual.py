@@ -113,6 +113,7 @@ def test_named_validation_sets_are_logged_set_by_set(text_corpus, tmp_path):
     for row in validated:
         assert {"val/old/loss", "val/old/ppl", "val/new/loss", "val/new/ppl"} <= set(row) and "val/loss" not in row
         assert row["val/old/loss"] != row["val/new/loss"], "two sets, two figures"
+        assert row["health/rankme"] >= 1 and row["health/feature_std"] > 0  # the text encoder's health, too
 
 
 def test_validation_set_names_are_checked():

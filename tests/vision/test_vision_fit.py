@@ -37,6 +37,9 @@ def test_ddp_fit_exact_resume_and_load_backbone(method, digit_shards, tmp_path):
     assert len(losses) == STEPS and all(math.isfinite(x) for x in losses)
     assert any("probe/knn_acc" in r and "probe/linear_acc" in r for r in rows), "online probes ran on the val shards"
     assert any("val/loss" in r for r in rows)
+    health = next(r for r in rows if "health/rankme" in r)  # representation health at every validation
+    assert 1 <= health["health/rankme"] and 0 <= health["health/feature_std"]
+    assert ("health/teacher_entropy" in health) == (method == "dino")
 
     # Stop at step 3 (its checkpoint) and resume in another directory: same end state, bit for bit.
     output = run_cli(fit_args(method, digit_shards, resumed, f"run.resume={straight}/checkpoints/step-{HALF:08d}.ckpt"))
